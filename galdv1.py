@@ -1,0 +1,319 @@
+"""GALD v1: Global Aggregation then Local Distribution in Fully Convolutional Networks.
+
+Paper: X. Li, L. Zhang, A. You, M. Yang, K. Yang, Y. Tong, BMVC 2019 (../shared/papers/galdv1_bmvc2019.txt).
+Official code: lxtGH/GALD-DGCNet, libs/models/GALDNet.py (notes/official_code.md section 1).
+
+Idea. A Global Aggregation (GA) module (CGNL, Non-local, PSP, ASPP) gives every position features
+pooled over a large window, so large patterns dominate and small ones (boundaries, thin objects) get
+over-smoothed. Local Distribution (LD) learns, per channel ("pattern"), a coarse spatial mask M from the
+GA features with strided depth-wise convolutions, and re-weights them: X_gald = M * X_g + X_g. The head
+sees concat(X_gald, X) (Sec. 3.2, Fig. 2).
+
+Map from the code to the paper:
+    CGNL, HalfResolution    GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
+    NonLocal, PSP, ASPP     the other GA modules of Table 1(a)/(b), Fig. 3(a)-(d)
+    build_ga                one GA module (with its projection to the block width); galdv2.py imports it
+    LocalDistribution       LD, Eqs. (1)-(2); downsampling choices of Table 1(e)
+    GALDBlock               the arrangements GALD / LDGA / Parallel of Table 1(c), Fig. 3(e)-(g)
+    GALD                    the network of Sec. 3.3 / Fig. 2, Eq. (3), OHEM + aux loss
+
+forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) (training only),
+'maps': {'ld_mask': (B, 1, H/8, W/8) channel-mean of M (Fig. 4)} when LD is on}.
+
+Paper gaps, filled from the released code or our choice (marked NOTE(paper-gap) below):
+- 3x3 conv 2048->512 before the block, 3x3 conv 512->512 after it, and "X" of Eq. (3) is the raw
+  layer4 output (2048 ch); head = 3x3 conv 2560->512 (BN, ReLU, no dropout) -> 1x1 (code).
+- CGNL: 8 groups, dot-product kernel without scaling, grouped 1x1 output conv + GroupNorm + residual;
+  its half resolution is a depth-wise 3x3 stride-2 conv + BN + ReLU, bilinear back up (code).
+- W_d = three depth-wise 3x3 stride-2 convs (d = 8), BN after each, ReLU between them (code).
+- Strided convs use padding 1, so a map of H rows becomes ceil(H/2) (ceil(H/d) after W_d). The code
+  uses padding 0 (97 -> 48 -> 23 -> 11 for a 769 crop), which fails on maps below 15 px, i.e. inputs
+  below ~120 px. Upsampling follows common.resize (align_corners=False; the code uses True).
+- NL, PSP, ASPP do not exist in the code: NL = embedded Gaussian, C/2 inner channels, zero-initialised
+  output BN (Wang et al.); PSP bins (1, 2, 3, 6) with C/4 channels per bin (PSPNet); ASPP rates
+  (6, 12, 18) at output stride 16, i.e. (12, 24, 36) at 8, + image pooling, 256 channels per branch
+  (DeepLabv3). All three project to the block width with conv + BN + ReLU and run at full resolution.
+- LDGA and Parallel (Fig. 3 f, g): LD then GA; concat(GA(X), LD(X)) -> 3x3 conv to 512.
+  --ga none and --no-ld make that part the identity (Table 1 "+LD" and "+GA" rows).
+- Aux head on layer3 (3x3 conv 512, BN, ReLU, dropout 0.1, 1x1), plain CE, weight 0.4; OHEM
+  (0.7, 100k) on the main output (code; the paper only says "OHEM").
+
+follow_code=True reproduces the two places where the released code differs from the paper:
+a ReLU after W_d (so M lies in [0.5, 1) instead of (0, 1)) and the double residual
+2 * X_g + M * X_g instead of Eq. (2).
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (SegModel, build_backbone, conv_bn_relu, cross_entropy, ohem_cross_entropy,
+                    resize, seg_head)
+
+
+# ----------------------------------------------------------------------------------------------
+# Global Aggregation modules (Sec. 3.2, Table 1a)
+
+
+class CGNL(nn.Module):
+    """Compact Generalized Non-Local block (Yue et al. 2018), the GA of Sec. 3.2.
+
+    Channels of theta, phi, g are split into groups; within a group the dot-product kernel runs over
+    all channel AND spatial positions at once, so per group and sample it is one scalar
+    a = sum_{c,i} phi[c, i] * g[c, i], "multiplied back" onto theta: y = a * theta.
+    Output: x + GN(W_z y), W_z a grouped 1x1 conv.
+    """
+
+    def __init__(self, channels, *, groups=8, inner_channels=None):
+        super().__init__()
+        inner = inner_channels or channels // 2
+        self.groups = groups
+        self.theta = nn.Conv2d(channels, inner, 1, bias=False)
+        self.phi = nn.Conv2d(channels, inner, 1, bias=False)
+        self.g = nn.Conv2d(channels, inner, 1, bias=False)
+        # NOTE(paper-gap): grouped 1x1 output conv + GroupNorm(groups), no scaling of the kernel (code)
+        self.z = nn.Conv2d(inner, channels, 1, groups=groups, bias=False)
+        self.norm = nn.GroupNorm(groups, channels)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        theta = self.theta(x)                                  # (B, C/2, H, W)
+        phi = self.phi(x).reshape(B, self.groups, -1)          # (B, G, C/2/G * N)
+        g = self.g(x).reshape(B, self.groups, -1)              # (B, G, C/2/G * N)
+        a = (phi * g).sum(-1, keepdim=True)                    # (B, G, 1): one affinity per group
+        y = a * theta.reshape(B, self.groups, -1)              # (B, G, C/2/G * N)
+        y = y.reshape(theta.shape)                             # (B, C/2, H, W)
+        return x + self.norm(self.z(y))                        # (B, C, H, W)
+
+
+class HalfResolution(nn.Module):
+    """Run a GA module at half resolution: "we downsample F by a factor of 2 for saving memory and
+    computation cost" (Sec. 3.2). Depth-wise 3x3 stride-2 conv + BN + ReLU, GA, bilinear up."""
+
+    def __init__(self, ga, channels):
+        super().__init__()
+        # NOTE(paper-gap): depth-wise strided conv + BN + ReLU as the downsampler (code), padding 1
+        self.down = conv_bn_relu(channels, channels, 3, stride=2, groups=channels)
+        self.ga = ga
+
+    def forward(self, x):
+        return resize(self.ga(self.down(x)), x.shape[-2:])     # (B, C, H, W)
+
+
+class NonLocal(nn.Module):
+    """Non-local block, embedded Gaussian (Wang et al. 2018), GA of Table 1(a) "+NL".
+
+    y_i = sum_j softmax_j(theta_i . phi_j) g_j, output x + BN(W y) with BN's gamma zero-initialised,
+    so the block starts as the identity.
+    """
+
+    def __init__(self, channels, *, inner_channels=None):
+        super().__init__()
+        inner = inner_channels or channels // 2
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.w = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.w[1].weight)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q = self.theta(x).flatten(2).transpose(1, 2)           # (B, N, C/2)
+        k = self.phi(x).flatten(2).transpose(1, 2)             # (B, N, C/2)
+        v = self.g(x).flatten(2).transpose(1, 2)               # (B, N, C/2)
+        # softmax over all positions j of exp(theta_i . phi_j), unscaled as in the NL paper;
+        # the fused kernel never stores the (B, N, N) affinity
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, N, C/2)
+        y = y.transpose(1, 2).reshape(B, -1, H, W)             # (B, C/2, H, W)
+        return x + self.w(y)                                   # (B, C, H, W)
+
+
+class PSP(nn.Module):
+    """Pyramid pooling (Zhao et al. 2017), GA of Table 1(a) "+PSP": average pooling to bins x bins,
+    1x1 conv to C/len(bins), bilinear up, concat with the input, 3x3 conv to out_channels."""
+
+    def __init__(self, in_channels, out_channels, *, bins=(1, 2, 3, 6)):
+        super().__init__()
+        branch = in_channels // len(bins)
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, 1))
+                                    for b in bins)
+        self.project = conv_bn_relu(in_channels + branch * len(bins), out_channels, 3)
+
+    def forward(self, x):
+        pyramid = [x] + [resize(stage(x), x.shape[-2:]) for stage in self.stages]  # each (B, *, H, W)
+        return self.project(torch.cat(pyramid, 1))             # (B, C_out, H, W)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (Chen et al. 2017), GA of Table 1(a) "+ASPP": a 1x1 conv, three
+    dilated 3x3 convs and image pooling, concatenated and projected with a 1x1 conv."""
+
+    def __init__(self, in_channels, out_channels, *, rates=(12, 24, 36), inner_channels=256):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn_relu(in_channels, inner_channels, 1)] +
+                                      [conv_bn_relu(in_channels, inner_channels, 3, dilation=r) for r in rates])
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, inner_channels, 1))
+        self.project = conv_bn_relu(inner_channels * (len(rates) + 2), out_channels, 1)
+
+    def forward(self, x):
+        feats = [branch(x) for branch in self.branches]        # each (B, 256, H, W)
+        feats.append(resize(self.image_pool(x), x.shape[-2:]))  # (B, 256, H, W)
+        return self.project(torch.cat(feats, 1))               # (B, C_out, H, W)
+
+
+def build_ga(kind, in_channels, channels, output_stride=8):
+    """A GA module mapping (B, in_channels, H, W) -> (B, channels, H, W); kind in cgnl|nl|psp|aspp."""
+    if kind == "psp":
+        return PSP(in_channels, channels)
+    if kind == "aspp":
+        # NOTE(paper-gap): DeepLabv3's rates (6, 12, 18) at output stride 16, scaled with the stride
+        return ASPP(in_channels, channels, rates=tuple(r * 16 // output_stride for r in (6, 12, 18)))
+    if kind == "cgnl":
+        ga = HalfResolution(CGNL(in_channels), in_channels)
+        if in_channels == channels:
+            return ga                                          # the code's GALD block: no projection
+    elif kind == "nl":
+        ga = NonLocal(in_channels)
+    else:
+        raise ValueError(f"unknown GA module {kind!r}")
+    # NOTE(paper-gap): project to the block width with 1x1 conv + BN + ReLU (our choice, official_code.md 1.4)
+    return nn.Sequential(ga, conv_bn_relu(in_channels, channels, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Local Distribution (Sec. 3.2, Eqs. 1-2)
+
+
+class LocalDistribution(nn.Module):
+    """LD, Eqs. (1)-(2): M = sigmoid(up(W_d X_g)), X_gald = M * X_g + X_g; forward returns (X_gald, M).
+
+    W_d downsamples by d = ratio, per channel: "dwconv" = log2(d) depth-wise 3x3 stride-2 convs
+    (the paper's choice), "bilinear" / "avgpool" = parameter-free resizing (Table 1e).
+    follow_code=True: ReLU after W_d (M in [0.5, 1)) and output 2 * X_g + M * X_g (released code).
+    """
+
+    def __init__(self, channels, *, downsample="dwconv", follow_code=False, ratio=8):
+        super().__init__()
+        if downsample not in ("dwconv", "bilinear", "avgpool"):
+            raise ValueError(f"unknown LD downsampling {downsample!r}")
+        self.downsample, self.follow_code, self.ratio = downsample, follow_code, ratio
+        if downsample == "dwconv":
+            steps = ratio.bit_length() - 1                     # d = 2 ** steps
+            # NOTE(paper-gap): BN after every depth-wise conv, ReLU between them (code), padding 1
+            layers = [conv_bn_relu(channels, channels, 3, stride=2, groups=channels) for _ in range(steps - 1)]
+            layers += [nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
+                       nn.BatchNorm2d(channels)]
+            self.w_d = nn.Sequential(*layers)
+
+    def forward(self, x_g):
+        B, C, H, W = x_g.shape
+        small = (-(-H // self.ratio), -(-W // self.ratio))    # ceil(H/d), ceil(W/d), as the strided convs
+        if self.downsample == "dwconv":
+            w = self.w_d(x_g)                                  # (B, C, H/d, W/d)
+        elif self.downsample == "bilinear":
+            w = resize(x_g, small)                             # (B, C, H/d, W/d)
+        else:
+            w = F.adaptive_avg_pool2d(x_g, small)              # (B, C, H/d, W/d)
+        if self.follow_code:
+            w = F.relu(w)
+        m = torch.sigmoid(resize(w, (H, W)))                   # Eq. (1): M = sigmoid(up(W_d X_g)), (B, C, H, W)
+        residual = 2 * x_g if self.follow_code else x_g
+        return m * x_g + residual, m                           # Eq. (2): X_gald = M * X_g + X_g, (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block: GA and LD in one of the arrangements of Fig. 3(e)-(g)
+
+
+class GALDBlock(nn.Module):
+    """GA and LD arranged as GALD (LD after GA, Fig. 3e), LDGA (GA after LD, Fig. 3f) or Parallel
+    (concat of GA(X) and LD(X), Fig. 3g); Table 1(c). ga="none" / ld=False make that part the
+    identity. forward returns (features, M or None); out_channels is 2C for Parallel, else C."""
+
+    def __init__(self, channels, *, ga="cgnl", ld=True, arrangement="gald", ld_downsample="dwconv",
+                 follow_code=False, output_stride=8):
+        super().__init__()
+        if arrangement not in ("gald", "ldga", "parallel"):
+            raise ValueError(f"unknown arrangement {arrangement!r}")
+        self.arrangement = arrangement
+        self.ga = nn.Identity() if ga == "none" else build_ga(ga, channels, channels, output_stride)
+        self.ld = LocalDistribution(channels, downsample=ld_downsample, follow_code=follow_code) if ld else None
+        self.out_channels = 2 * channels if arrangement == "parallel" else channels
+
+    def distribute(self, x):
+        return (x, None) if self.ld is None else self.ld(x)
+
+    def forward(self, x):
+        if self.arrangement == "gald":
+            return self.distribute(self.ga(x))                 # LD(GA(X))
+        y, m = self.distribute(x)
+        if self.arrangement == "ldga":
+            return self.ga(y), m                               # GA(LD(X))
+        return torch.cat([self.ga(x), y], 1), m                # concat(GA(X), LD(X)), (B, 2C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network (Sec. 3.3, Fig. 2)
+
+
+class GALD(SegModel):
+    """Dilated ResNet -> 3x3 conv -> GALD block -> 3x3 conv -> head on concat(X_gald, X) (Eq. 3).
+
+    Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux'.
+    """
+
+    def __init__(self, backbone, num_classes, *, ga="cgnl", ld=True, arrangement="gald",
+                 ld_downsample="dwconv", follow_code=False, channels=512, output_stride=8,
+                 aux_weight=0.4, ohem=True):
+        super().__init__()
+        self.backbone = backbone
+        c3, c4 = backbone.channels[2:]
+        # NOTE(paper-gap): 3x3 conv to 512 before the block and 3x3 conv after it (code)
+        self.conva = conv_bn_relu(c4, channels, 3)
+        self.block = GALDBlock(channels, ga=ga, ld=ld, arrangement=arrangement, ld_downsample=ld_downsample,
+                               follow_code=follow_code, output_stride=output_stride)
+        self.convb = conv_bn_relu(self.block.out_channels, channels, 3)
+        # NOTE(paper-gap): head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 classifier (code)
+        self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3),
+                                  nn.Conv2d(channels, num_classes, 1))
+        self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
+        self.aux_weight, self.ohem = aux_weight, ohem
+
+    def forward(self, image):
+        c1, c2, c3, c4 = self.backbone(image)                  # c4: (B, 2048, H/8, W/8) = X
+        x_gald, m = self.block(self.conva(c4))                 # (B, C, H/8, W/8), M: (B, C, H/8, W/8)
+        x_o = torch.cat([self.convb(x_gald), c4], 1)           # Eq. (3): concat(X_gald, X), (B, C + 2048, H/8, W/8)
+        out = {"out": resize(self.head(x_o), image.shape[-2:])}  # (B, K, H, W)
+        if m is not None:
+            out["maps"] = {"ld_mask": m.detach().mean(1, keepdim=True)}  # (B, 1, H/8, W/8), Fig. 4
+        if self.training:
+            out["aux"] = resize(self.aux_head(c3), image.shape[-2:])  # (B, K, H, W)
+        return out
+
+    def loss(self, outputs, target):
+        main = ohem_cross_entropy(outputs["out"], target) if self.ohem else cross_entropy(outputs["out"], target)
+        aux = cross_entropy(outputs["aux"], target)
+        return {"main": main, "aux": aux, "total": main + self.aux_weight * aux}
+
+
+def add_args(parser):
+    group = parser.add_argument_group("galdv1: GALD (BMVC 2019)")
+    group.add_argument("--ga", default="cgnl", choices=["cgnl", "nl", "psp", "aspp", "none"],
+                       help="Global Aggregation module (Table 1a/b); none = LD alone ('+LD' row)")
+    group.add_argument("--ld", default=True, action=argparse.BooleanOptionalAction,
+                       help="Local Distribution, Eqs. (1)-(2) (--no-ld: the '+GA' rows of Table 1a)")
+    group.add_argument("--arrangement", default="gald", choices=["gald", "ldga", "parallel"],
+                       help="GA then LD, LD then GA, or both in parallel (Table 1c, Fig. 3 e-g)")
+    group.add_argument("--ld-downsample", default="dwconv", choices=["dwconv", "bilinear", "avgpool"],
+                       help="how LD downsamples by d = 8 for the mask (Table 1e)")
+    group.add_argument("--follow-code", default=False, action=argparse.BooleanOptionalAction,
+                       help="released code: ReLU before the mask's sigmoid and residual 2*X_g + M*X_g")
+    group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
+                       help="OHEM cross-entropy on the main output (Sec. 3.3)")
+
+
+def build_model(args):
+    return GALD(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, arrangement=args.arrangement,
+                ld_downsample=args.ld_downsample, follow_code=args.follow_code,
+                output_stride=args.output_stride, ohem=args.ohem)

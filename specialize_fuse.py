@@ -1,0 +1,460 @@
+"""Specialize and Fuse: Pyramidal Output Representation for Semantic Segmentation.
+
+Hsiao, Sun, Chen, Sun, ICCV 2021. No official code has been released: this file is our reference
+reconstruction from Secs. 3-5 of the paper, with the gaps filled as `notes/DECISIONS.md` says.
+
+Idea. Besides the usual per-pixel output, predict two pyramids of L levels (cells of 32, 16, 8, 4
+pixels): a unity pyramid (is every pixel of this cell one class?) and a semantic pyramid (the class
+of each cell). In training, a cell whose ancestor is a unity cell the network already gets right is
+"done by coarser" and ignored, so each level specialises in what coarser levels leave (Specialize,
+Sec. 3.2). At inference each pixel takes the class of its coarsest confident unity cell, the finest
+level filling what is left (Fuse, Sec. 3.3).
+
+Map from the code to the paper
+    working_size, pyramid_ground_truth   Sec. 3.1 (input sizes, unity and semantic ground truth)
+    done_by_coarser, relabel             Sec. 3.2, Table 7 (naive / simple fix / true positive)
+    SpecializeFuse.loss                  Sec. 3.2, Eq. (1)
+    fuse                                 Sec. 3.3, Eq. (2), Table 8 (fuse / finest only)
+    UnityHead                            Sec. 4.1, Fig. 2b
+    pyramid_pool                         Sec. 4.2, Eqs. (6), (10): PyramidPool, bins (1, 3, 6, 8)
+    ContextAggregation                   Sec. 4.2, Eqs. (4), (8), (9), Fig. 2d; also the ANL block [34]
+    ContextUpdating                      Sec. 4.2, Eqs. (5), (10), (11), Fig. 2e
+    SemanticHead                         Sec. 4.2, Eqs. (3)-(7), Fig. 2c, Table 6 (context switch)
+    LightDecoder                         Sec. 5.1.2: ResNet stages fused at output stride 4, D = 720
+    SpecializeFuse                       Fig. 2a: backbone + decoder + unity head + semantic head
+    level_counts                         Table 9 / Fig. 3: how many pixels each level decided
+
+forward(image) returns a dict
+    'out'      (B, K, H, W) logits at the image's size: the Eq. (2) fusion (or the finest level),
+               in training mode too
+    'semantic' list over levels, coarsest first, of (B, K, H'/s, W'/s) logits, (H', W') the
+               working size of Sec. 3.1 (the single output has the finest level only)
+    'unity'    list over the L-1 coarser levels of (B, H'/s, W'/s) unity logits (pyramidal only)
+    'level'    (B, H, W) int64, the level each pixel was taken from, 0 = coarsest (pyramidal only);
+               level_counts() turns it into the pixel shares of Table 9's grouping
+    'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w) unity probabilities
+               upsampled to the finest level} (Fig. 1; pyramidal only)
+
+Choices where the paper is silent (each marked NOTE(paper-gap) at its line)
+    - Decoder: a 1x1 conv + BN + ReLU per ResNet stage to 48/96/192/384 channels (the HRNet-W48 widths
+      that D = 720 matches), bilinear up to stride 4, concat (DECISIONS.md). No conv after the concat.
+    - L = 2 uses strides {32, 4} (Sec. 5.4), so Eq. (3)'s pooling factor is s_l / s_L (= 2^(L-l) for
+      L = 4); a cell then has 64 children instead of 4.
+    - Inputs whose sides are not multiples of 32 are resized to the nearest multiples (Sec. 3.1), the
+      label map with nearest neighbour for the loss, and the logits are resized back.
+    - A cell is a unity cell when all its non-ignored pixels share one label; an all-ignored cell is
+      ignored in both losses (DECISIONS.md).
+    - The finest level: Sec. 3.1 ignores every mix cell, but Sec. 3.2 says the finest cells are all
+      "assumed to be unity-cells". By default its logits are upsampled and trained per pixel (pixels of
+      cells done by coarser ignored), as HRNet-OCR's protocol trains its stride-4 output and as the
+      single output is trained; finest_target='cells' ignores the finest mix cells instead, so thin
+      structures (< 4 px) are never supervised (on CamVid at 240x180, 9% of Pole pixels lie in a
+      unity 4x4 cell).
+    - Relabelling keeps the paper's "true positive" literally: the ancestor is a ground-truth unity
+      cell predicted unity (>= tau); its predicted class is not checked (DECISIONS.md).
+    - The 1x1 convs the paper names without BN/ReLU are plain convs with bias. Attention (Eq. 8) is
+      scaled dot-product attention [22] with D_s/2 query/key channels and D_s value channels.
+    - CU runs for l = 1..L-1 only: theta^(L) would feed nothing.
+    - "ANL" (Table 6) is one ANL block appended to the backbone feature X (D channels); "ANL-multi" one
+      per level on X^(l). Both are written as our CA with theta = PyramidPool of the block's own input,
+      which is ANL's asymmetric pyramid sampling of keys and values (ANL's own block also puts BN +
+      ReLU in its key/query conv, a 1x1 conv on the attention output and dropout: left out to keep
+      one attention block in the file). A single output with "anl-multi" has one ANL on its level.
+    - Single output (Table 6, first row): the finest level only, trained with pixel-level CE on the
+      upsampled logits. With context "ours" the whole feature pyramid is still refined coarse to fine
+      and only ConvBlock^(L) predicts (the supplementary that details this is not available to us).
+    - Up(.) in Eq. (2) is nearest (cells); the fused stride-4 logits reach pixels bilinearly.
+    - BCE is unweighted, each term of Eq. (1) a mean over non-ignored cells.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import IGNORE_INDEX, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize
+
+STRIDES = {2: (32, 4), 4: (32, 16, 8, 4)}      # cell sizes s_l, coarsest level first (Sec. 5.1.3, 5.4)
+PYRAMID_BINS = (1, 3, 6, 8)                    # PyramidPool output sizes (Sec. 4.2)
+
+
+def nearest_up(x, factor):
+    """Repeat every cell of (..., h, w) into a factor x factor block: (..., h*factor, w*factor)."""
+    return x.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
+def min_pool(x, factor):
+    """Minimum over factor x factor cells of (B, C, h, w)."""
+    return -F.max_pool2d(-x, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.1: pyramid geometry and pyramidal ground truth
+
+
+def working_size(size, coarsest_stride):
+    """(H, W) rounded to the nearest multiples of the coarsest cell, at least one cell (Sec. 3.1)."""
+    return tuple(max(1, int(s / coarsest_stride + 0.5)) * coarsest_stride for s in size)
+
+
+def pyramid_ground_truth(target, strides):
+    """Semantic and unity ground truth of every level from a (B, H, W) label map (Sec. 3.1).
+
+    A cell is a unity cell when all its non-ignored pixels share one label (semantic label = that
+    label, unity = 1), a mix cell otherwise (semantic = ignore, unity = 0); an all-ignored cell is
+    ignore in both. Returns two lists over all L levels, coarsest first, of (B, H/s, W/s) int64 (the
+    finest unity level is never predicted, Sec. 3.2, but done_by_coarser reads the coarser ones).
+    """
+    valid = target != IGNORE_INDEX
+    label = target.float().unsqueeze(1)                                       # (B, 1, H, W)
+    high = torch.where(valid.unsqueeze(1), label, torch.full_like(label, -1))
+    low = torch.where(valid.unsqueeze(1), label, torch.full_like(label, IGNORE_INDEX + 1))
+    semantic, unity = [], []
+    for s in strides:
+        cell_max = F.max_pool2d(high, s)[:, 0]                                # (B, H/s, W/s)
+        cell_min = min_pool(low, s)[:, 0]
+        seen = cell_max >= 0                                                  # some valid pixel
+        one_class = seen & (cell_max == cell_min)
+        semantic.append(torch.where(one_class, cell_max, torch.full_like(cell_max, IGNORE_INDEX)).long())
+        unity.append(torch.where(seen, one_class.float(), torch.full_like(cell_max, IGNORE_INDEX)).long())
+    return semantic, unity
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.2: Specialize, on-the-fly relabelling of cells "done by coarser" (Table 7)
+
+
+def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9):
+    """The cells "done by coarser" (Sec. 3.2): one (B, H/s, W/s) bool mask per level, coarsest first.
+
+    unity: the L ground-truth unity levels of pyramid_ground_truth; unity_prob: the L-1 predicted
+    (B, H/s, W/s) unity probabilities (no gradient needed). An ancestor settles its descendants under
+    policy 'naive': never; 'simple': when it is a ground-truth unity cell; 'true-positive' (ours): when
+    it is a ground-truth unity cell AND predicted unity (>= tau), i.e. a true positive.
+    """
+    done = [torch.zeros_like(unity[0], dtype=torch.bool)]                  # nothing above level 1
+    for l in range(1, len(strides)):
+        settled = unity[l - 1] == 1                                         # (B, H/s_(l-1), W/s_(l-1))
+        if policy == "true-positive":
+            settled = settled & (unity_prob[l - 1] >= tau)
+        elif policy == "naive":
+            settled = torch.zeros_like(settled)
+        done.append(nearest_up(done[-1] | settled, strides[l - 1] // strides[l]))   # (B, H/s_l, W/s_l)
+    return done
+
+
+def relabel(semantic, unity, done):
+    """Set the cells done by coarser to ignore in both ground-truth pyramids (Sec. 3.2, Table 7)."""
+    return ([y.masked_fill(d, IGNORE_INDEX) for y, d in zip(semantic, done)],
+            [u.masked_fill(d, IGNORE_INDEX) for u, d in zip(unity, done)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.3: Fuse, coarse to fine (Table 8)
+
+
+def fuse(semantic, unity_prob, strides, tau=0.9):
+    """Eq. (2): each finest cell takes the logits of its coarsest ancestor predicted unity (>= tau);
+    the finest level, taken as unity everywhere, fills what is left.
+
+    semantic: list over L levels of (B, K, H/s, W/s) logits; unity_prob: list over the L-1 coarser
+    levels of (B, H/s, W/s). Returns the fused (B, K, H/sL, W/sL) logits and the (B, H/sL, W/sL)
+    int64 index of the level each cell was taken from (0 = coarsest).
+    """
+    finest = semantic[-1]
+    fused = torch.zeros_like(finest)                                          # (B, K, h, w)
+    level = torch.full_like(finest[:, 0], len(strides) - 1, dtype=torch.long)  # (B, h, w)
+    remaining = torch.ones_like(level, dtype=torch.bool)                      # prod_k 1[Up(U^k) < tau]
+    for l, (logits, stride) in enumerate(zip(semantic, strides)):
+        factor = stride // strides[-1]
+        unity = nearest_up(unity_prob[l], factor) >= tau if l < len(unity_prob) else remaining
+        take = remaining & unity                                              # (B, h, w)
+        # Eq. (2): the indicator masks are disjoint, so their sum is a selection
+        fused = torch.where(take.unsqueeze(1), nearest_up(logits, factor), fused)
+        level = level.masked_fill(take, l)
+        remaining = remaining & ~take
+    return fused, level
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 4.1: unity head
+
+
+class UnityHead(nn.Module):
+    """Unity pyramid (Sec. 4.1, Fig. 2b): an entry of a cell is unity-like when its embedding is close
+    to the cell's centroid; a cell is unity when its most deviating entry is (min pooling).
+
+    Input X (B, D, h, w) at the finest level; output: list over the L-1 coarser levels of
+    (B, H/s, W/s) unity logits (sigmoid gives U^(l)).
+    """
+
+    def __init__(self, in_channels, *, channels=64, strides=STRIDES[4]):
+        super().__init__()
+        self.factors = [s // strides[-1] for s in strides[:-1]]
+        self.reduce = nn.Conv2d(in_channels, channels, 1)      # X -> X_u
+        self.centroid = nn.Conv2d(channels, channels, 1)       # shared over levels
+        self.embed = nn.Conv2d(channels, channels, 1)          # Conv1x1(X_u), the pixel side of X_diff
+        self.classify = nn.Conv2d(channels, 1, 1)              # shared, followed by the sigmoid
+        # NOTE(paper-gap): the four 1x1 convs are plain convs with bias, no BN/ReLU (none named in Sec. 4.1)
+
+    def forward(self, x):
+        x_u = self.reduce(x)                                   # (B, Du, h, w)
+        pixels = self.embed(x_u)                               # (B, Du, h, w)
+        unity = []
+        for f in self.factors:
+            centroid = self.centroid(F.avg_pool2d(x_u, f))     # X_centroid (B, Du, h/f, w/f)
+            diff = pixels - nearest_up(centroid, f)            # X_diff (B, Du, h, w)
+            logit = self.classify(diff)                        # (B, 1, h, w) logit of X_unity
+            # min pooling of sigmoid(logit) == sigmoid of min-pooled logits (monotone): keep logits for BCE
+            unity.append(min_pool(logit, f)[:, 0])             # (B, h/f, w/f)
+        return unity
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 4.2: semantic head with the coarse-to-fine contextual module
+
+
+def pyramid_pool(x, bins=PYRAMID_BINS):
+    """PyramidPool (Eqs. 6, 10): average-pool (B, C, h, w) to 1x1, 3x3, 6x6, 8x8 and flatten the cells
+    into S = 110 context tokens, kept as (B, C, S, 1) so 1x1 convs and BN apply unchanged."""
+    return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], 2).unsqueeze(-1)
+
+
+class ContextAggregation(nn.Module):
+    """CA (Sec. 4.2, Eqs. 8-9, Fig. 2d): the cells of X^(l) attend to the context tokens theta^(l-1).
+
+    Also the ANL block of Table 6 [34] when theta is the PyramidPool of the block's own input.
+    """
+
+    def __init__(self, channels, *, key_channels=None):
+        super().__init__()
+        # NOTE(paper-gap): query/key width D_s/2 (as ANL's key width), values keep D_s (our choice)
+        self.key_channels = key_channels or channels // 2
+        self.query = nn.Conv2d(channels, self.key_channels, 1)
+        self.key = nn.Conv2d(channels, self.key_channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.aggregate = conv_bn_relu(2 * channels, channels, 1)   # Conv1x1_agg: 2 D_s -> D_s
+
+    def forward(self, x, theta):
+        B, C, H, W = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)               # (B, N, Ck)
+        k = self.key(theta).flatten(2)                             # (B, Ck, S)
+        v = self.value(theta).flatten(2).transpose(1, 2)           # (B, S, C)
+        attn = (q @ k * self.key_channels ** -0.5).softmax(-1)     # Eq. (8): softmax over the S tokens (B, N, S)
+        att = (attn @ v).transpose(1, 2).reshape(B, C, H, W)       # X_att (B, C, H, W)
+        return self.aggregate(torch.cat([att, x], 1))              # Eq. (9): X'^(l) (B, C, H, W)
+
+
+class ContextUpdating(nn.Module):
+    """CU (Sec. 4.2, Eqs. 10-11, Fig. 2e): fold the refined level X'^(l) into the context tokens."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.update = conv_bn_relu(2 * channels, channels, 1)      # Conv1x1_upd: 2 D_s -> D_s
+
+    def forward(self, x, theta):
+        theta_init = pyramid_pool(x)                               # Eq. (10): (B, C, S, 1)
+        return self.update(torch.cat([theta_init, theta], 1))     # Eq. (11): theta^(l) (B, C, S, 1)
+
+
+class SemanticHead(nn.Module):
+    """Semantic pyramid (Sec. 4.2, Fig. 2c): project X to D_s, pool to every level (Eq. 3), refine the
+    levels with the chosen context module (Table 6), predict each with its own ConvBlock (Eq. 7).
+
+    context 'none' / 'anl' (the ANL sits on the backbone, outside this head): X'^(l) = X^(l);
+    'anl-multi': one ANL block per level; 'ours': the coarse-to-fine module, Eqs. (4)-(6).
+    pyramidal=False predicts the finest level only. Output: list of (B, K, H/s, W/s), coarsest first.
+    """
+
+    def __init__(self, in_channels, num_classes, *, channels=512, strides=STRIDES[4], context="ours",
+                 pyramidal=True):
+        super().__init__()
+        # a single output without our module never needs the coarser levels
+        self.strides = strides if pyramidal or context == "ours" else strides[-1:]
+        self.context = context
+        levels = len(self.strides)
+        # NOTE(paper-gap): the projection D -> D_s is a plain 1x1 conv with bias (Sec. 4.2 names no BN/ReLU)
+        self.project = nn.Conv2d(in_channels, channels, 1)
+        if context in ("anl-multi", "ours"):
+            self.aggregate = nn.ModuleList(ContextAggregation(channels) for _ in range(levels))
+        if context == "ours":
+            # NOTE(paper-gap): no CU at the finest level, theta^(L) would feed nothing
+            self.update = nn.ModuleList(ContextUpdating(channels) for _ in range(levels - 1))
+        self.blocks = nn.ModuleList(                           # Eq. (7): ConvBlock^(l), one per predicted level
+            nn.Sequential(conv_bn_relu(channels, channels, 1), nn.Conv2d(channels, num_classes, 1))
+            for _ in range(levels if pyramidal else 1))
+
+    def forward(self, x):
+        x = self.project(x)                                    # X^(L) (B, Ds, h, w)
+        finest = self.strides[-1]
+        features = [F.avg_pool2d(x, s // finest) for s in self.strides]   # Eq. (3): X^(l) (B, Ds, h*sL/s, w*sL/s)
+        if self.context == "anl-multi":
+            features = [ca(f, pyramid_pool(f)) for ca, f in zip(self.aggregate, features)]
+        elif self.context == "ours":
+            features = self.coarse_to_fine(x, features)
+        return [block(f) for block, f in zip(self.blocks, features[-len(self.blocks):])]
+
+    def coarse_to_fine(self, x, features):
+        theta = pyramid_pool(x)                                # Eq. (6): theta^(0) (B, Ds, S, 1)
+        refined = []
+        for l, feature in enumerate(features):
+            feature = self.aggregate[l](feature, theta)        # Eq. (4): X'^(l) = CA(X^(l), theta^(l-1))
+            if l < len(self.update):
+                theta = self.update[l](feature, theta)         # Eq. (5): theta^(l) = CU(X'^(l), theta^(l-1))
+            refined.append(feature)
+        return refined
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 5.1.2: ResNet with a light decoder to output stride 4
+
+
+class LightDecoder(nn.Module):
+    """The four ResNet stages fused at stride 4 as HRNet's final representation [23] (Sec. 5.1.2).
+
+    NOTE(paper-gap): 1x1 conv + BN + ReLU per stage to 48/96/192/384 channels, bilinear up, concat to
+    D = 720, the HRNet-W48 widths that the paper's D = 720 matches (DECISIONS.md).
+    """
+
+    def __init__(self, in_channels, channels=(48, 96, 192, 384)):
+        super().__init__()
+        self.lateral = nn.ModuleList(conv_bn_relu(i, o, 1) for i, o in zip(in_channels, channels))
+
+    def forward(self, features):
+        size = features[0].shape[-2:]
+        return torch.cat([resize(lat(f), size) for lat, f in zip(self.lateral, features)], 1)  # (B, D, H/4, W/4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def unity_bce(logits, target):
+    """Mean binary cross-entropy (fp32) over the cells whose unity target is not ignore."""
+    valid = target != IGNORE_INDEX
+    loss = F.binary_cross_entropy_with_logits(logits.float(), (target == 1).float(), reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+class SpecializeFuse(SegModel):
+    """ResNet + light decoder + unity and semantic heads (Fig. 2a), Eq. (1) loss, Eq. (2) inference.
+
+    output_format 'pyramidal' (ours) or 'single' (Table 6 rows); context 'ours', 'anl', 'anl-multi',
+    'none' (Table 6 columns); relabel 'true-positive', 'simple', 'naive' (Table 7); inference 'fuse'
+    or 'finest' (Table 8); levels 4 or 2 (Sec. 5.4); tau the unity threshold (Sec. 5.1.3);
+    finest_target 'pixels' or 'cells': how the finest level is supervised (see loss).
+    """
+
+    def __init__(self, backbone, num_classes, *, output_format="pyramidal", context="ours",
+                 relabel="true-positive", inference="fuse", levels=4, tau=0.9, finest_target="pixels",
+                 decoder_channels=(48, 96, 192, 384), unity_channels=64, semantic_channels=512):
+        super().__init__()
+        for name, value, allowed in (("output format", output_format, ("pyramidal", "single")),
+                                     ("context", context, ("ours", "anl", "anl-multi", "none")),
+                                     ("relabel", relabel, ("true-positive", "simple", "naive")),
+                                     ("inference", inference, ("fuse", "finest")), ("levels", levels, (2, 4)),
+                                     ("finest target", finest_target, ("pixels", "cells"))):
+            if value not in allowed:
+                raise InputError(f"specialize_fuse: {name} must be one of {allowed}, got {value!r}")
+        self.backbone = backbone
+        self.strides = STRIDES[levels]
+        self.relabel_policy, self.inference, self.tau, self.finest_target = relabel, inference, tau, finest_target
+        self.decoder = LightDecoder(backbone.channels, decoder_channels)
+        dim = sum(decoder_channels)                            # D = 720
+        # NOTE(paper-gap): Table 6 "ANL" = one ANL block appended to the backbone feature X (D channels)
+        self.anl = ContextAggregation(dim) if context == "anl" else None
+        pyramidal = output_format == "pyramidal"
+        self.semantic_head = SemanticHead(dim, num_classes, channels=semantic_channels, strides=self.strides,
+                                          context=context, pyramidal=pyramidal)
+        self.unity_head = UnityHead(dim, channels=unity_channels, strides=self.strides) if pyramidal else None
+
+    def forward(self, image):
+        B, _, H, W = image.shape
+        x = resize(image, working_size((H, W), self.strides[0]))   # Sec. 3.1: sides divisible by s_1
+        x = self.decoder(self.backbone(x))                     # X (B, D, h, w), h = H'/4
+        if self.anl is not None:
+            x = self.anl(x, pyramid_pool(x))
+        semantic = self.semantic_head(x)                       # [(B, K, H'/s, W'/s)] coarsest first
+        if self.unity_head is None:                            # single (standard) output
+            return {"out": resize(semantic[-1], (H, W)), "semantic": semantic}
+        unity = self.unity_head(x)                             # [(B, H'/s, W'/s)] for the L-1 coarser levels
+        if self.inference == "fuse":
+            fused, level = fuse(semantic, [u.float().sigmoid() for u in unity], self.strides, self.tau)
+        else:                                                  # Table 8 "aux. supervision": finest level only
+            fused = semantic[-1]
+            level = torch.full_like(fused[:, 0], len(self.strides) - 1, dtype=torch.long)
+        return {"out": resize(fused, (H, W)), "semantic": semantic, "unity": unity,
+                "level": resize(level.unsqueeze(1).float(), (H, W), "nearest")[:, 0].long(),  # (B, H, W)
+                "maps": self.heat_maps(unity, level)}
+
+    def heat_maps(self, unity, level):
+        """Fig. 1: the level each finest cell was taken from, level / (L-1), and each level's unity
+        probability upsampled to the finest level."""
+        finest = self.strides[-1]
+        prob = [nearest_up(u.detach().float().sigmoid(), s // finest) for u, s in zip(unity, self.strides)]
+        return {"level": level.unsqueeze(1).float() / (len(self.strides) - 1),   # (B, 1, h, w)
+                "unity": torch.stack(prob, 1)}                                    # (B, L-1, h, w)
+
+    def loss(self, outputs, target):
+        if self.unity_head is None:                            # the standard per-pixel loss
+            ce = cross_entropy(outputs["out"], target)
+            return {"semantic": ce, "total": ce}
+        semantic, unity = list(outputs["semantic"]), outputs["unity"]
+        size = [n * self.strides[-1] for n in semantic[-1].shape[-2:]]
+        # NOTE(paper-gap): the label map follows the resized image (Sec. 3.1) with nearest neighbour
+        target = resize(target.unsqueeze(1).float(), size, "nearest")[:, 0].long()   # (B, H', W')
+        semantic_gt, unity_gt = pyramid_ground_truth(target, self.strides)
+        prob = [u.detach().float().sigmoid() for u in unity]
+        done = done_by_coarser(unity_gt, prob, self.strides, self.relabel_policy, self.tau)
+        semantic_gt, unity_gt = relabel(semantic_gt, unity_gt, done)
+        if self.finest_target == "pixels":
+            # NOTE(paper-gap): "all cells in the finest level are assumed to be unity-cells" (Sec. 3.2):
+            # its logits are trained per pixel, as the stride-4 output of HRNet-OCR's protocol (Sec. 5.1.1),
+            # so pixels of finest mix cells (boundaries, thin things) keep their labels
+            semantic[-1] = resize(semantic[-1], size)                                   # (B, K, H', W')
+            semantic_gt[-1] = target.masked_fill(nearest_up(done[-1], self.strides[-1]), IGNORE_INDEX)
+        L = len(self.strides)
+        # Eq. (1): mean CE over the L semantic levels + mean BCE over the L-1 unity levels
+        ce = sum(cross_entropy(y, t) for y, t in zip(semantic, semantic_gt)) / L
+        bce = sum(unity_bce(u, t) for u, t in zip(unity, unity_gt[:-1])) / (L - 1)
+        return {"semantic": ce, "unity": bce, "total": ce + bce}
+
+
+def level_counts(level, num_levels, target=None):
+    """Pixels each level decided (the grouping of Table 9): (L,) int64 counts of outputs['level'],
+    restricted to the non-ignored pixels of `target` (B, H, W) when given. Sum over a split, then
+    divide by the total for the shares."""
+    if target is not None:
+        level = level[target != IGNORE_INDEX]
+    return torch.bincount(level.flatten(), minlength=num_levels)
+
+
+def add_args(parser):
+    group = parser.add_argument_group("specialize_fuse: Specialize and Fuse (ICCV 2021)")
+    group.add_argument("--output-format", choices=("pyramidal", "single"), default="pyramidal",
+                       help="pyramidal output (ours) or the standard single finest-level output (Table 6 rows)")
+    group.add_argument("--context", choices=("ours", "anl", "anl-multi", "none"), default="ours",
+                       help="contextual module: our coarse-to-fine CA/CU, one ANL on the backbone, "
+                            "one ANL per pyramid level, or none (Table 6 columns)")
+    group.add_argument("--relabel", choices=("true-positive", "simple", "naive"), default="true-positive",
+                       help="cells ignored as 'done by coarser': descendants of true-positive unity cells "
+                            "(ours), of every ground-truth unity cell (simple fix), or none (naive) (Table 7)")
+    group.add_argument("--inference", choices=("fuse", "finest"), default="fuse",
+                       help="fuse the pyramids by Eq. (2), or use the finest level only, i.e. the coarser "
+                            "levels as auxiliary supervision (Table 8)")
+    group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=4,
+                       help="L: 4 levels of strides {32,16,8,4} or 2 of strides {32,4} (Sec. 5.4)")
+    group.add_argument("--tau", type=float, default=0.9,
+                       help="unity threshold tau of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3)")
+    group.add_argument("--finest-target", choices=("pixels", "cells"), default="pixels",
+                       help="supervise the finest level per pixel (its cells 'assumed to be unity-cells', "
+                            "Sec. 3.2) or per 4x4 cell with mix cells ignored (Sec. 3.1 read literally)")
+    group.add_argument("--unity-channels", type=int, default=64, help="D_u of the unity head (Sec. 5.1.3)")
+    group.add_argument("--semantic-channels", type=int, default=512, help="D_s of the semantic head (Sec. 5.1.3)")
+
+
+def build_model(args):
+    # the paper uses the standard ResNet (output stride 32) and decodes to stride 4 (Sec. 5.1.2)
+    return SpecializeFuse(build_backbone(args, output_stride=32), args.num_classes,
+                          output_format=args.output_format, context=args.context, relabel=args.relabel,
+                          inference=args.inference, levels=args.pyramid_levels, tau=args.tau,
+                          finest_target=args.finest_target,
+                          unity_channels=args.unity_channels, semantic_channels=args.semantic_channels)

@@ -1,0 +1,274 @@
+"""Math tests of denoised_nl.py: the memory-light A'' equals the authors' unfold formulation (values
+and gradients), GR/LR off is the plain non-local block, gamma = 0 is the identity, P_class is
+symmetric, no (B, N, k*k, N) tensor is ever built, maps and deep-supervision wiring, odd sizes."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from denoised_nl import (DenoisedNLBlock, DenoisedNLNet, class_agreement, local_retention,  # noqa: E402
+                         local_similarity)
+
+
+D = {"dtype": torch.float64}   # the math tests compare in float64; the model tests run in float32
+
+
+# ----------------------------------------------------------------------------------------------
+# References: the authors' formulation with nn.Unfold, and explicit loops
+
+
+def unfold_retention(a, s_l, size, window):
+    """A'' as the official code: unfold each row of A' into a (B, n, k*k, N) tensor, weight, sum."""
+    B, n, N = a.shape
+    u = F.unfold(a.view(B, n, *size), window, padding=window // 2).view(B, n, window ** 2, N)
+    return (u * s_l.unsqueeze(1)).sum(2)
+
+
+def unfold_block(block, f, coarse_logits=None):
+    """The whole block written as the official code (unfold for S_l and A''), reusing its weights."""
+    B, C, H, W = f.shape
+    N, kk, r = H * W, block.window_size ** 2, block.window_size // 2
+    q, k = block.query(f), block.key(f)
+    v = block.value(f).flatten(2).transpose(1, 2)
+    a = torch.softmax(q.flatten(2).transpose(1, 2) @ k.flatten(2), -1)
+    if block.global_rectifying:
+        logits = block.classifier(f) if coarse_logits is None else common.resize(coarse_logits, (H, W))
+        p = logits.softmax(1).flatten(2)
+        a = a * torch.sigmoid(p.transpose(1, 2) @ p)
+    if block.local_retention:
+        k_win = F.unfold(k, block.window_size, padding=r).view(B, -1, kk, N)       # k_{j+d}
+        s_l = torch.sigmoid(torch.einsum("bcj,bcdj->bdj", q.flatten(2), k_win))   # (B, k*k, N)
+        a = unfold_retention(a, s_l, (H, W), block.window_size)
+    return block.gamma * (a @ v).transpose(1, 2).reshape(B, C, H, W) + f
+
+
+def make_block(channels=8, classes=4, **kw):
+    torch.manual_seed(0)
+    block = DenoisedNLBlock(channels, classes, key_channels=3, **kw).double()
+    with torch.no_grad():
+        block.gamma.fill_(0.7)                                         # gamma = 0 would hide A'' V
+    return block
+
+
+def grads(tensors):
+    return [t.grad.clone() for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# Local Retention and Global Rectifying
+
+
+@pytest.mark.parametrize("window,size,rows", [(3, (5, 7), slice(None)), (5, (4, 6), slice(3, 11)), (1, (3, 5), slice(None))])
+def test_local_retention_matches_unfold(window, size, rows):
+    torch.manual_seed(1)
+    B, N = 2, size[0] * size[1]
+    a = torch.rand(B, N, N, **D)[:, rows].contiguous().requires_grad_()   # some (or all) query rows of A'
+    s = torch.rand(B, window ** 2, N, requires_grad=True, **D)
+    g = torch.randn(B, a.shape[1], N, **D)
+    ours = local_retention(a, s, size, window)
+    (ours * g).sum().backward()
+    ga, gs = grads([a, s])
+    a.grad = s.grad = None
+    ref = unfold_retention(a, s, size, window)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ga, a.grad)
+    torch.testing.assert_close(gs, s.grad)
+
+
+def test_local_retention_index_convention():
+    """A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], written out with loops over pixels and offsets."""
+    torch.manual_seed(2)
+    H, W, window = 3, 4, 3
+    N = H * W
+    a, s = torch.rand(1, N, N, **D), torch.rand(1, 9, N, **D)
+    expected = torch.zeros(1, N, N, **D)
+    for i in range(N):
+        for y in range(H):
+            for x in range(W):
+                for d in range(9):
+                    yy, xx = y + d // 3 - 1, x + d % 3 - 1
+                    if 0 <= yy < H and 0 <= xx < W:
+                        expected[0, i, y * W + x] += a[0, i, yy * W + xx] * s[0, d, y * W + x]
+    torch.testing.assert_close(local_retention(a, s, (H, W), window), expected)
+
+
+def test_local_similarity_matches_loop():
+    torch.manual_seed(3)
+    H, W, window = 4, 5, 3
+    q, k = torch.randn(2, 3, H, W, **D), torch.randn(2, 3, H, W, **D)
+    s = local_similarity(q, k, window)
+    assert s.shape == (2, 9, H * W)
+    for y in range(H):
+        for x in range(W):
+            for d in range(9):
+                yy, xx = y + d // 3 - 1, x + d % 3 - 1
+                inside = 0 <= yy < H and 0 <= xx < W
+                dot = (q[:, :, y, x] * k[:, :, yy, xx]).sum(1) if inside else torch.zeros(2, **D)
+                torch.testing.assert_close(s[:, d, y * W + x], torch.sigmoid(dot))
+
+
+def test_class_agreement_symmetric_and_bounded():
+    torch.manual_seed(4)
+    p = torch.randn(2, 5, 12, **D).softmax(1)                          # (B, K, N) class probabilities
+    pc = class_agreement(p.transpose(1, 2), p)                         # (B, N, N)
+    assert pc.shape == (2, 12, 12)
+    torch.testing.assert_close(pc, pc.transpose(1, 2))
+    torch.testing.assert_close(pc[1, 3, 7], torch.sigmoid((p[1, :, 3] * p[1, :, 7]).sum()))
+    assert pc.min() >= 0.5 and pc.max() <= torch.sigmoid(torch.tensor(1.0, **D))   # p_i . p_j in [0, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The block
+
+
+@pytest.mark.parametrize("window,chunk", [(3, 2048), (3, 7), (5, 4)])
+def test_block_matches_unfold_reference(window, chunk):
+    block = make_block(window_size=window, query_chunk=chunk).train()
+    f = torch.randn(2, 8, 5, 7, requires_grad=True, **D)
+    params = [f] + list(block.parameters())
+    out, _ = block(f)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    ours = grads(params)
+    for t in params:
+        t.grad = None
+    ref = unfold_block(block, f)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for name, a, b in zip(["f"] + [n for n, _ in block.named_parameters()], ours, grads(params)):
+        torch.testing.assert_close(a, b, msg=lambda m: f"gradient of {name}: {m}")
+        assert b.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def test_block_with_coarse_logits_matches_reference():
+    """follow_code's GR: P from given (B, K, h', w') logits resized to the block's grid."""
+    block = make_block(class_conv=False).eval()
+    f, logits = torch.randn(1, 8, 5, 7, **D), torch.randn(1, 4, 9, 13, **D)
+    assert block.classifier is None
+    torch.testing.assert_close(block(f, logits)[0], unfold_block(block, f, logits))
+
+
+def test_without_gr_and_lr_is_the_non_local_block():
+    block = make_block(global_rectifying=False, local_retention=False).eval()
+    assert block.classifier is None
+    f = torch.randn(2, 8, 3, 5, **D)
+    out, _ = block(f)
+    q, k = block.query.weight[:, :, 0, 0], block.key.weight[:, :, 0, 0]
+    v = block.value.weight[:, :, 0, 0]
+    x = f.flatten(2)                                                   # (B, C, N)
+    expected = torch.empty_like(x)
+    for b in range(2):
+        for i in range(15):                                            # y_i = sum_j softmax_j(q_i.k_j) v_j
+            logits = torch.stack([(q @ x[b, :, i]) @ (k @ x[b, :, j]) for j in range(15)])
+            weights = logits.softmax(0)
+            expected[b, :, i] = 0.7 * sum(weights[j] * (v @ x[b, :, j]) for j in range(15)) + x[b, :, i]
+    torch.testing.assert_close(out, expected.view_as(f))
+
+
+def test_gamma_zero_is_identity():
+    torch.manual_seed(5)
+    block = DenoisedNLBlock(8, 4, key_channels=3).double()             # gamma is zero-initialised
+    assert block.gamma.item() == 0
+    f = torch.randn(2, 8, 5, 7, **D)
+    for training in (True, False):
+        assert torch.equal(block.train(training)(f)[0], f)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_no_tensor_larger_than_a_padded_attention_map():
+    block = make_block(window_size=3).train()
+    B, H, W = 2, 9, 11
+    N = H * W
+    f = torch.randn(B, 8, H, W, requires_grad=True, **D)
+    with LargestTensor() as ours:
+        block(f)[0].sum().backward()
+    with LargestTensor() as ref:
+        unfold_block(block, f).sum().backward()
+    assert ours.numel <= B * N * (H + 2) * (W + 2)                     # one zero-padded (B, N, N) map
+    assert ref.numel >= B * N * 9 * N                                  # the check can fail
+
+
+def test_maps_are_the_rows_of_the_chosen_pixel():
+    block = make_block(map_pixel=(1.0, 0.0)).eval()                    # bottom-left pixel
+    f = torch.randn(1, 8, 5, 7, **D)
+    _, maps = block(f)
+    assert list(maps) == ["map1_A", "map2_A_gr", "map3_A_lr"]
+    i = 4 * 7 + 0
+    q, k = block.query(f).flatten(2), block.key(f).flatten(2)
+    a = torch.softmax(q[0, :, i] @ k[0], -1)                           # row i of A
+    p = block.classifier(f).softmax(1).flatten(2)[0]
+    a_gr = a * torch.sigmoid(p[:, i] @ p)                              # row i of A'
+    torch.testing.assert_close(maps["map1_A"].flatten(), (a / a.max()).float())   # maps are float32
+    torch.testing.assert_close(maps["map2_A_gr"].flatten(), (a_gr / a_gr.max()).float())
+    for m in maps.values():
+        assert m.shape == (1, 1, 5, 7) and m.min() >= 0 and m.max() == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(6)
+    return common.ResNet(18, 8)
+
+
+def test_model_odd_size_loss_and_gr_wiring(backbone):
+    """Eq. (5) with lambda1 = lambda2 = 1; in the paper GR's P comes from a 1x1 conv on F, so the
+    layer3 aux head is a pure side output; with follow_code GR's P comes from it (and it runs in eval)."""
+    torch.manual_seed(7)
+    image, target = torch.randn(1, 3, 33, 47), torch.randint(0, 5, (1, 33, 47))
+    target[0, :4] = common.IGNORE_INDEX
+    for follow_code in (False, True):
+        model = DenoisedNLNet(backbone, 5, follow_code=follow_code).train()
+        with torch.no_grad():
+            model.dnl.gamma.fill_(0.5)
+        out = model(image)
+        assert {k: tuple(v.shape) for k, v in out.items()} == {
+            "out": (1, 5, 33, 47), "aux_layer2": (1, 5, 33, 47), "aux_layer3": (1, 5, 33, 47)}
+        losses = model.loss(out, target)
+        torch.testing.assert_close(losses["total"], losses["main"] + losses["aux_layer2"] + losses["aux_layer3"])
+        model.zero_grad()
+        losses["main"].backward()                                      # the principal loss alone
+        aux3_grad = sum(p.grad.abs().sum() for p in model.aux3.parameters() if p.grad is not None)
+        assert (aux3_grad > 0) == follow_code
+        model.eval()
+        with torch.no_grad():
+            out = model(image)
+        assert set(out) == {"out", "maps"} and out["out"].shape == (1, 5, 33, 47)
+        assert all(m.shape == (1, 1, 3, 3) for m in out["maps"].values())  # 33x47 -> 1/16 grid 3x3
+
+
+def test_baseline_without_attention(backbone):
+    model = DenoisedNLNet(backbone, 5, attention=False).eval()
+    assert model.dnl is None
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 17, 17))
+    assert set(out) == {"out"} and out["out"].shape == (1, 5, 17, 17)
+
+
+def test_window_size_must_be_odd():
+    with pytest.raises(ValueError):
+        DenoisedNLBlock(8, 4, window_size=4)

@@ -1,0 +1,209 @@
+"""Math tests for galdv1.py: CGNL against an explicit per-group loop, the Non-local softmax, the LD
+mask of Eqs. (1)-(2) and its Table 1(e) downsamplings, the arrangements of Fig. 3, the network."""
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import ResNet, resize  # noqa: E402
+from galdv1 import (ASPP, CGNL, GALD, GALDBlock, HalfResolution, LocalDistribution, NonLocal,  # noqa: E402
+                    add_args, build_ga, build_model)
+
+
+def randomise_norms(module, seed=0):
+    """Non-trivial affine parameters for every BN / GN (defaults 1 and 0 hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            m.weight.data = torch.rand(m.weight.shape, generator=gen, dtype=m.weight.dtype) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype)
+
+
+def cgnl_slow(block, x):
+    """CGNL written out: per sample and group, a = sum over channels and positions of phi * g,
+    y = a * theta; W_z by explicit per-group matrix products; GroupNorm by hand; plus x."""
+    B, C, H, W = x.shape
+    G = block.groups
+    theta, phi, g = block.theta(x), block.phi(x), block.g(x)      # 1x1 convs
+    inner = theta.shape[1]
+    cin, cout = inner // G, C // G
+    wz = block.z.weight[:, :, 0, 0]                               # (C, inner / G)
+    out = []
+    for b in range(B):
+        z = []
+        for k in range(G):
+            a = 0
+            for c in range(k * cin, (k + 1) * cin):
+                a = a + (phi[b, c] * g[b, c]).sum()
+            y = a * theta[b, k * cin:(k + 1) * cin]               # (inner / G, H, W)
+            z.append(torch.einsum("oc,chw->ohw", wz[k * cout:(k + 1) * cout], y))
+        z = torch.cat(z)                                          # (C, H, W)
+        normed = []
+        for k in range(G):
+            part = z[k * cout:(k + 1) * cout]
+            mean, var = part.mean(), part.var(unbiased=False)
+            normed.append((part - mean) / torch.sqrt(var + block.norm.eps))
+        normed = torch.cat(normed) * block.norm.weight[:, None, None] + block.norm.bias[:, None, None]
+        out.append(x[b] + normed)
+    return torch.stack(out)
+
+
+def test_cgnl_matches_explicit_group_loop_values_and_gradients():
+    torch.manual_seed(0)
+    block = CGNL(16, groups=4).double()
+    randomise_norms(block)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    fast = block(x)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), [x] + list(block.parameters()))
+    slow = cgnl_slow(block, x)
+    grads_slow = torch.autograd.grad((slow * weights).sum(), [x] + list(block.parameters()))
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_nonlocal_starts_as_identity_and_matches_explicit_softmax():
+    torch.manual_seed(0)
+    block = NonLocal(8).double()
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(block(x), x)                       # zero-initialised output BN
+    randomise_norms(block)
+    block.eval()
+    theta, phi, g = (m(x).flatten(2) for m in (block.theta, block.phi, block.g))  # (B, C/2, N)
+    y = torch.zeros_like(theta)
+    for b in range(2):
+        for i in range(theta.shape[-1]):
+            weights = torch.softmax(theta[b, :, i] @ phi[b], 0)   # over all positions j
+            y[b, :, i] = g[b] @ weights
+    expected = x + block.w(y.reshape(2, 4, 4, 5))
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["cgnl", "nl", "psp", "aspp"])
+def test_ga_modules_keep_odd_sizes_and_project(kind):
+    x = torch.randn(2, 16, 5, 7)
+    assert build_ga(kind, 16, 8)(x).shape == (2, 8, 5, 7)
+    assert build_ga(kind, 16, 16)(x).shape == (2, 16, 5, 7)
+
+
+def test_cgnl_runs_at_half_resolution():
+    ga = build_ga("cgnl", 16, 16)
+    assert isinstance(ga, HalfResolution) and isinstance(ga.ga, CGNL)
+    seen = []
+    ga.ga.register_forward_hook(lambda m, i, o: seen.append(o.shape[-2:]))
+    ga(torch.randn(2, 16, 9, 13))
+    assert tuple(seen[0]) == (5, 7)
+
+
+def test_aspp_rates_scale_with_output_stride():
+    dilations = lambda m: [b[0].dilation[0] for b in m.branches[1:]]
+    assert dilations(build_ga("aspp", 8, 8, output_stride=8)) == [12, 24, 36]
+    assert dilations(build_ga("aspp", 8, 8, output_stride=16)) == [6, 12, 18]
+    assert isinstance(build_ga("aspp", 8, 8), ASPP)
+
+
+@pytest.mark.parametrize("downsample", ["dwconv", "bilinear", "avgpool"])
+def test_ld_mask_in_unit_interval_and_eq2(downsample):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 11)
+    out, m = LocalDistribution(8, downsample=downsample)(x)
+    assert m.shape == x.shape and (m > 0).all() and (m < 1).all()
+    torch.testing.assert_close(out, m * x + x)                    # Eq. (2)
+    out, m = LocalDistribution(8, downsample=downsample, follow_code=True)(x)
+    assert (m >= 0.5).all() and (m < 1).all()                     # ReLU before the sigmoid
+    torch.testing.assert_close(out, 2 * x + m * x)                # the code's double residual
+
+
+def test_ld_with_zero_mask_reduces_to_x_g():
+    ld = LocalDistribution(8)
+    last_bn = ld.w_d[-1]
+    last_bn.weight.data.zero_()
+    last_bn.bias.data.fill_(-1e4)                                  # W_d X_g = -1e4 -> M = 0
+    x = torch.randn(2, 8, 9, 11)
+    out, m = ld(x)
+    assert (m == 0).all()
+    torch.testing.assert_close(out, x)
+
+
+@pytest.mark.parametrize("downsample", ["dwconv", "bilinear", "avgpool"])
+def test_ld_mask_is_per_channel(downsample):
+    """"For each pattern c ... a spatial operator is learned" (Sec. 3.2): M[:, c] depends on X_g[:, c] only."""
+    torch.manual_seed(0)
+    ld = LocalDistribution(8, downsample=downsample).eval()
+    x = torch.randn(1, 8, 17, 19)
+    x2 = x.clone()
+    x2[:, 3] += torch.randn(17, 19)
+    changed = (ld(x)[1] - ld(x2)[1]).abs().amax((0, 2, 3)) > 0
+    assert changed.tolist() == [c == 3 for c in range(8)]
+
+
+def test_ld_downsamples_by_eight():
+    ld = LocalDistribution(4)
+    for size, small in [(5, 1), (9, 2), (33, 5), (97, 13)]:
+        assert ld.w_d(torch.randn(2, 4, size, size)).shape[-1] == small
+    x = torch.randn(2, 4, 16, 24)
+    blocks = x.reshape(2, 4, 2, 8, 3, 8).mean((3, 5))              # 8x8 block means
+    _, m = LocalDistribution(4, downsample="avgpool")(x)
+    torch.testing.assert_close(m, torch.sigmoid(resize(blocks, (16, 24))))
+    const = torch.randn(1, 4, 1, 1).expand(1, 4, 13, 21)
+    _, m = LocalDistribution(4, downsample="bilinear")(const)
+    torch.testing.assert_close(m, torch.sigmoid(const))
+
+
+def test_arrangements_compose_ga_and_ld_as_fig3():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 11)
+    blocks = {a: GALDBlock(8, ga="psp", arrangement=a).eval() for a in ("gald", "ldga", "parallel")}
+    ga, ld = blocks["gald"].ga, blocks["gald"].ld
+    y, m = blocks["gald"](x)
+    torch.testing.assert_close(y, ld(ga(x))[0])
+    torch.testing.assert_close(m, ld(ga(x))[1])
+    ga, ld = blocks["ldga"].ga, blocks["ldga"].ld
+    torch.testing.assert_close(blocks["ldga"](x)[0], ga(ld(x)[0]))
+    ga, ld = blocks["parallel"].ga, blocks["parallel"].ld
+    torch.testing.assert_close(blocks["parallel"](x)[0], torch.cat([ga(x), ld(x)[0]], 1))
+    assert blocks["parallel"].out_channels == 16
+    y, m = GALDBlock(8, ga="none", ld=False)(x)
+    assert m is None and torch.equal(y, x)
+
+
+def test_gald_network_outputs_loss_and_gradients_on_odd_input():
+    torch.manual_seed(0)
+    model = GALD(ResNet(18, 8), 5).train()
+    image = torch.randn(2, 3, 33, 47)
+    target = torch.randint(0, 5, (2, 33, 47))
+    target[0, :4] = 255
+    out = model(image)
+    assert out["out"].shape == (2, 5, 33, 47) and out["aux"].shape == (2, 5, 33, 47)
+    mask = out["maps"]["ld_mask"]
+    assert mask.shape == (2, 1, 5, 6) and (mask >= 0).all() and (mask <= 1).all()
+    losses = model.loss(out, target)
+    assert set(losses) == {"main", "aux", "total"} and torch.isfinite(losses["total"])
+    torch.testing.assert_close(losses["total"], losses["main"] + 0.4 * losses["aux"])
+    losses["total"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"No gradient for {name}"
+    model.eval()
+    with torch.no_grad():
+        out = model(image)
+    assert set(out) == {"out", "maps"} and out["out"].shape == (2, 5, 33, 47)
+
+
+def test_cli_defaults_are_the_papers_best_and_build_model():
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    args = parser.parse_args([])
+    assert (args.ga, args.ld, args.arrangement, args.ld_downsample, args.follow_code, args.ohem) == \
+        ("cgnl", True, "gald", "dwconv", False, True)
+    args = parser.parse_args(["--ga", "aspp", "--no-ld", "--no-ohem"])
+    common = dict(num_classes=3, backbone="resnet18", stem="tv", output_stride=16, multi_grid=None,
+                  pretrained=None)
+    model = build_model(argparse.Namespace(**vars(args), **common))
+    assert model.block.ld is None and not model.ohem
+    assert [b[0].dilation[0] for b in model.block.ga.branches[1:]] == [6, 12, 18]

@@ -1,0 +1,320 @@
+"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, RMI."""
+import argparse
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import hier_ms_attn as hma  # noqa: E402
+from common import InputError, resize, scaled_size  # noqa: E402
+
+K = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP contention on a shared machine (20x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(ms_mode="hierarchical", **kw):
+    torch.manual_seed(0)
+    return hma.HierarchicalMultiScaleAttention(common.ResNet(18, 8), K, ms_mode=ms_mode,
+                                               head_channels=16, **kw)
+
+
+def image(h=33, w=47, b=2):
+    torch.manual_seed(1)
+    return torch.randn(b, 3, h, w)
+
+
+def scale_outputs(model, x, s):
+    """By hand: L_s and a_s at the scale's input size (code _fwd)."""
+    xs = resize(x, scaled_size(x.shape[-2:], s))
+    c4 = model.backbone(xs)[3]
+    logits = resize(model.seg_head(c4), xs.shape[-2:])
+    attn = resize(model.attn_head(c4).sigmoid(), xs.shape[-2:])
+    return logits, attn
+
+
+class Constant(nn.Module):
+    """Stands in for the attention head's last conv: a constant pre-sigmoid value."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return x.new_full((x.shape[0], 1, *x.shape[-2:]), self.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. (1) and the hierarchical chain
+
+
+def test_two_scale_training_output_is_eq1_by_hand_values_and_gradients():
+    model = make_model().train()
+    x = image().requires_grad_(True)
+    out = model(x)["out"]
+    g_model = torch.autograd.grad(out.square().sum(), x)[0]
+    L05, a05 = scale_outputs(model, x, 0.5)
+    L1, _ = scale_outputs(model, x, 1.0)
+    U = lambda t: resize(t, x.shape[-2:])
+    by_hand = U(L05 * a05) + (1 - U(a05)) * L1                          # Eq. (1)
+    g_hand = torch.autograd.grad(by_hand.square().sum(), x)[0]
+    assert torch.allclose(out, by_hand, atol=1e-5)
+    assert torch.allclose(g_model, g_hand, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scales", [(0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0)])
+def test_n_scale_chain_equals_nested_formula(scales):
+    model = make_model().eval()
+    x = image()
+    U = lambda t: resize(t, x.shape[-2:])
+    with torch.no_grad():
+        L = {s: scale_outputs(model, x, s) for s in scales}
+        pair = lambda s, finer: U(L[s][0] * L[s][1]) + (1 - U(L[s][1])) * finer
+        if len(scales) == 3:
+            expected = pair(0.5, pair(1.0, U(L[2.0][0])))
+        else:
+            expected = pair(0.25, pair(0.5, pair(1.0, U(L[2.0][0]))))
+        got = model.predict(x, scales=tuple(reversed(scales)))          # order of the list is irrelevant
+    assert got.shape == (2, K, 33, 47)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("value, picked", [(1e4, 0.25), (-1e4, 2.0)])
+def test_attention_one_keeps_lowest_scale_zero_keeps_highest(value, picked):
+    model = make_model().eval()
+    model.attn_head[-1] = Constant(value)                               # sigmoid -> exactly 1 or 0
+    x = image()
+    with torch.no_grad():
+        chained = model.predict(x, scales=(0.25, 0.5, 1.0, 2.0))
+        single = model.predict(x, scales=(picked,))
+        maps = model(x, scales=(0.25, 0.5, 1.0, 2.0))["maps"]
+    assert torch.allclose(chained, single, atol=1e-6)
+    assert torch.allclose(maps[f"attn_{picked}"], torch.ones_like(maps[f"attn_{picked}"]))
+
+
+def test_attention_maps_are_weights_that_sum_to_one():
+    model = make_model().eval()
+    with torch.no_grad():
+        maps = model(image(), scales=(0.25, 0.5, 1.0, 2.0))["maps"]
+    assert sorted(maps) == ["attn_0.25", "attn_0.5", "attn_1.0", "attn_2.0"]
+    stacked = torch.cat(list(maps.values()), 1)                         # (B, S, H, W)
+    assert stacked.shape == (2, 4, 33, 47) and stacked.min() >= 0 and stacked.max() <= 1
+    assert torch.allclose(stacked.sum(1), torch.ones(2, 33, 47), atol=1e-6)
+    assert stacked.std() > 0                                            # not a constant split
+
+
+def test_eval_forward_is_single_scale_and_flip_averages_logits():
+    model = make_model().eval()
+    x = image()
+    with torch.no_grad():
+        L1, _ = scale_outputs(model, x, 1.0)
+        assert torch.allclose(model(x)["out"], L1, atol=1e-6)
+        scales = (0.5, 1.0)
+        flipped = model.predict(x.flip(-1), scales).flip(-1)
+        assert torch.allclose(model.predict(x, scales, flip=True),
+                              0.5 * (model.predict(x, scales) + flipped), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(33, 47), (65, 41), (17, 23)])
+def test_odd_sizes_and_quarter_scale(size):
+    model = make_model().eval()
+    x = image(*size, b=1)
+    with torch.no_grad():
+        for scales in [(0.25,), (0.25, 0.5), (0.25, 0.5, 1.0, 2.0), (0.5, 2.0)]:
+            out = model.predict(x, scales=scales, flip=True)
+            assert out.shape == (1, K, *size) and torch.isfinite(out).all()
+
+
+def test_training_step_on_odd_size_gives_every_parameter_a_gradient():
+    for mode in ("hierarchical", "explicit"):
+        model = make_model(mode).train()
+        target = torch.randint(0, K, (2, 33, 47))
+        target[:, :5] = common.IGNORE_INDEX
+        outputs = model(image())
+        terms = model.loss(outputs, target)
+        terms["total"].backward()
+        scales = [f"scale_{s}" for s in model.train_scales]
+        assert set(terms) == {"bce", "rmi", "total", *scales}
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"no gradient for {missing}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1 baselines
+
+
+def test_explicit_attention_is_softmax_over_scales_of_concatenated_features():
+    model = make_model("explicit").eval()
+    x = image()
+    with torch.no_grad():
+        got = model(x, scales=(0.5, 1.0, 2.0))
+        feats, logits = [], []
+        for s in (0.5, 1.0, 2.0):
+            xs = resize(x, scaled_size(x.shape[-2:], s))
+            c4 = model.backbone(xs)[3]
+            feats.append(c4)
+            logits.append(resize(resize(model.seg_head(c4), xs.shape[-2:]), x.shape[-2:]))
+        ref = feats[1].shape[-2:]
+        w = model.attn_head(torch.cat([resize(f, ref) for f in feats], 1)).softmax(1)
+        w = resize(w, x.shape[-2:])
+        expected = w[:, 0:1] * logits[0] + w[:, 1:2] * logits[1] + w[:, 2:3] * logits[2]
+    assert torch.allclose(got["out"], expected, atol=1e-5)
+    assert torch.allclose(sum(got["maps"].values()), torch.ones(2, 1, 33, 47), atol=1e-6)
+    with pytest.raises(InputError):
+        model.predict(x, scales=(0.25, 0.5, 1.0, 2.0))                  # not its training scales
+
+
+def test_average_mode_averages_logits_and_has_no_attention_head():
+    model = make_model("average").eval()
+    assert not hasattr(model, "attn_head")
+    x = image()
+    with torch.no_grad():
+        per_scale = [model.predict(x, scales=(s,)) for s in (0.5, 1.0, 2.0)]
+        assert torch.allclose(model.predict(x, scales=(0.5, 1.0, 2.0)), sum(per_scale) / 3, atol=1e-6)
+
+
+def test_bad_scale_configurations_are_refused():
+    with pytest.raises(InputError):
+        make_model("hierarchical", train_scales=(1.0,))
+    with pytest.raises(InputError):
+        make_model("explicit", train_scales=(0.5, 2.0))
+    with pytest.raises(InputError):
+        make_model("average", train_scales=(0.5, 1.0))
+
+
+def test_add_args_defaults_build_the_paper_model():
+    parser = argparse.ArgumentParser()
+    hma.add_args(parser)
+    args = parser.parse_args([])
+    args.num_classes, args.backbone, args.stem = K, "resnet18", "tv"
+    args.output_stride, args.multi_grid, args.pretrained = 8, None, None
+    model = hma.build_model(args)
+    assert (model.ms_mode, model.train_scales, model.loss_type, model.scale_loss_weight) == \
+        ("hierarchical", (0.5, 1.0), "rmi", 0.05)
+    args = parser.parse_args(["--ms-mode", "explicit"])
+    args.num_classes, args.backbone, args.stem = K, "resnet18", "tv"
+    args.output_stride, args.multi_grid, args.pretrained = 8, None, None
+    assert hma.build_model(args).train_scales == (0.5, 1.0, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMI
+
+
+def slow_avg_pool(m, pool):
+    """(H, W) -> (H', W'): mean of each pool x pool window of the zero-padded map (pad pool // 2)."""
+    H, W = m.shape
+    pad = pool // 2
+    padded = torch.zeros(H + 2 * pad, W + 2 * pad, dtype=torch.float64)
+    padded[pad:pad + H, pad:pad + W] = m
+    rows = range((H + 2 * pad - pool) // pool + 1)
+    cols = range((W + 2 * pad - pool) // pool + 1)
+    return torch.stack([torch.stack([padded[i * pool:(i + 1) * pool, j * pool:(j + 1) * pool].mean()
+                                     for j in cols]) for i in rows])
+
+
+def slow_windows(m, radius):
+    """(H, W) -> (N, radius^2): every radius x radius window, row by row."""
+    H, W = m.shape
+    return torch.stack([m[i:i + radius, j:j + radius].reshape(-1)
+                        for i in range(H - radius + 1) for j in range(W - radius + 1)])
+
+
+def rmi_reference(logits, target, radius=3, pool=4, alpha=5e-4):
+    """Slow RMI: one (image, class) at a time, explicit pooling windows and neighbourhoods,
+    torch.logdet; the code's 0.5 * log det(Sigma_Y|P + alpha I) minus its value for Sigma_Y|P = 0."""
+    B, C, H, W = logits.shape
+    D = radius * radius
+    eye = torch.eye(D, dtype=torch.float64)
+    valid = (target != 255).double()
+    total = 0.0
+    for k in range(C):
+        per_image = []
+        for b in range(B):
+            y = (target[b] == k).double() * valid[b]
+            p = logits[b, k].double().sigmoid() * valid[b] + 1e-6
+            Y, P = (slow_windows(slow_avg_pool(m, pool), radius) for m in (y, p))   # (N, D)
+            Y, P = Y - Y.mean(0), P - P.mean(0)
+            cond = Y.T @ Y - (Y.T @ P) @ torch.linalg.inv(P.T @ P + alpha * eye) @ (P.T @ Y)
+            per_image.append(0.5 * torch.logdet(cond + alpha * eye) - 0.5 * D * math.log(alpha))
+        total = total + torch.stack(per_image).mean() / D
+    onehot = torch.stack([(target == k).double() for k in range(C)], 1)
+    sig = logits.double().sigmoid()
+    bce = -(onehot * sig.log() + (1 - onehot) * (1 - sig).log()) * valid[:, None]
+    return bce.sum() / (valid.sum() + 1), total
+
+
+def labels(h=33, w=47, b=2):
+    torch.manual_seed(2)
+    t = torch.zeros(b, h, w, dtype=torch.long)
+    t[:, :, 20:] = 1
+    t[:, 10:25, 5:15] = 2
+    t[-1, 25:] = 3
+    t[0, :4, :9] = 255
+    return t
+
+
+def test_rmi_matches_slow_per_class_reference_values_and_gradients():
+    torch.manual_seed(3)
+    logits = (2 * torch.randn(2, K, 33, 47)).requires_grad_(True)
+    target = labels()
+    bce, rmi = hma.rmi_loss(logits, target)
+    g = torch.autograd.grad(0.5 * bce + 0.5 * rmi, logits)[0]
+    ref_bce, ref_rmi = rmi_reference(logits, target)
+    g_ref = torch.autograd.grad(0.5 * ref_bce + 0.5 * ref_rmi, logits)[0]
+    assert torch.allclose(bce.double(), ref_bce, rtol=1e-5)
+    assert torch.allclose(rmi.double(), ref_rmi, rtol=1e-5)
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
+
+
+def test_rmi_finite_non_negative_and_small_only_for_a_perfect_prediction():
+    target = labels()
+    onehot = torch.nn.functional.one_hot(target.clamp(max=K - 1), K).permute(0, 3, 1, 2).float()
+    perfect = 20 * (2 * onehot - 1)
+    wrong = perfect.roll(1, dims=1)                                     # every pixel given another class
+    torch.manual_seed(4)
+    noisy = torch.randn(2, K, 33, 47)
+    values = {}
+    for name, logits in [("perfect", perfect), ("wrong", wrong), ("noisy", noisy)]:
+        bce, rmi = hma.rmi_loss(logits, target)
+        assert torch.isfinite(bce) and torch.isfinite(rmi) and rmi >= 0 and bce >= 0
+        values[name] = rmi.item()
+    # perfect: Sigma_Y|P = Sigma_Y alpha (Sigma_Y + alpha)^-1 <= alpha I, so at most 0.5 log 2 per class
+    assert values["perfect"] <= K * 0.5 * math.log(2)
+    assert values["wrong"] > 5 * values["perfect"] and values["noisy"] > 5 * values["perfect"]
+
+
+@pytest.mark.parametrize("case", ["flat_prediction", "flat_labels", "all_ignored"])
+def test_rmi_has_no_nan_on_degenerate_inputs(case):
+    logits = torch.zeros(2, K, 33, 47, requires_grad=True)              # flat prediction
+    target = labels()
+    if case == "flat_labels":
+        target = torch.ones_like(target)
+    if case == "all_ignored":
+        target = torch.full_like(target, 255)
+    bce, rmi = hma.rmi_loss(logits, target)
+    (grad,) = torch.autograd.grad(bce + rmi, logits)
+    assert torch.isfinite(bce) and torch.isfinite(rmi) and rmi >= 0 and torch.isfinite(grad).all()
+
+
+def test_rmi_ignores_autocast():
+    torch.manual_seed(5)
+    logits = torch.randn(1, K, 33, 47)
+    target = labels(b=1)
+    plain = hma.rmi_loss(logits, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = hma.rmi_loss(logits, target)
+    for a, b in zip(plain, under_autocast):
+        assert b.dtype == torch.float32 and torch.allclose(a, b)

@@ -1,0 +1,266 @@
+"""Math tests for specialize_fuse.py: each vectorised step against a slow explicit loop over cells.
+
+Run: python -m pytest -q tests/test_specialize_fuse.py
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+import specialize_fuse as sf  # noqa: E402
+from common import IGNORE_INDEX  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def blocky_labels(B, H, W, classes=3, seed=0):
+    """Labels constant on 32x32 cells (about half of them) or on 8x8 blocks with a few noisy pixels,
+    plus scattered ignore pixels, one all-ignored 32x32 cell and one all-ignored 4x4 cell: every kind
+    of cell (unity, mix, all-ignored) occurs at every level."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = sf.nearest_up(torch.randint(0, classes, (B, H // 32, W // 32), generator=g), 32)
+    fine = sf.nearest_up(torch.randint(0, classes, (B, H // 8, W // 8), generator=g), 8)
+    noise = torch.rand(B, H, W, generator=g)
+    fine = torch.where(noise < 0.02, torch.randint(0, classes, (B, H, W), generator=g), fine)
+    use_coarse = sf.nearest_up(torch.rand(B, H // 32, W // 32, generator=g) < 0.5, 32)
+    target = torch.where(use_coarse, coarse, fine)
+    target[noise > 0.97] = IGNORE_INDEX
+    target[0, :32, 32:64] = IGNORE_INDEX
+    target[1, 4:8, 8:12] = IGNORE_INDEX
+    return target
+
+
+def slow_pyramid(target, strides):
+    B, H, W = target.shape
+    semantic = [torch.full((B, H // s, W // s), IGNORE_INDEX, dtype=torch.long) for s in strides]
+    unity = [torch.full((B, H // s, W // s), IGNORE_INDEX, dtype=torch.long) for s in strides]
+    for l, s in enumerate(strides):
+        for b in range(B):
+            for i in range(H // s):
+                for j in range(W // s):
+                    cell = target[b, i * s:(i + 1) * s, j * s:(j + 1) * s]
+                    labels = cell[cell != IGNORE_INDEX].unique()
+                    if len(labels) == 1:
+                        semantic[l][b, i, j], unity[l][b, i, j] = labels[0], 1
+                    elif len(labels) > 1:
+                        unity[l][b, i, j] = 0
+    return semantic, unity
+
+
+@pytest.mark.parametrize("levels", [2, 4])
+def test_pyramid_ground_truth_matches_cell_loop(levels):
+    strides = sf.STRIDES[levels]
+    target = blocky_labels(2, 64, 96)
+    semantic, unity = sf.pyramid_ground_truth(target, strides)
+    slow_semantic, slow_unity = slow_pyramid(target, strides)
+    for l in range(levels):
+        assert torch.equal(semantic[l], slow_semantic[l]), f"semantic level {l}"
+        assert torch.equal(unity[l], slow_unity[l]), f"unity level {l}"
+    finest = unity[-1]
+    assert (finest == 1).any() and (finest == 0).any() and (finest == IGNORE_INDEX).any()
+    assert (unity[0] == 1).any() and (unity[0] == 0).any()
+
+
+def slow_done(unity, prob, strides, policy, tau):
+    """Done-by-coarser masks by a loop over every cell and every coarser ancestor."""
+    done = [torch.zeros(u.shape, dtype=torch.bool) for u in unity]
+    for l in range(1, len(strides)):
+        B, h, w = unity[l].shape
+        for b in range(B):
+            for i in range(h):
+                for j in range(w):
+                    for k in range(l):
+                        ai, aj = i * strides[l] // strides[k], j * strides[l] // strides[k]
+                        is_unity = bool(unity[k][b, ai, aj] == 1)
+                        settled = {"naive": False, "simple": is_unity,
+                                   "true-positive": is_unity and bool(prob[k][b, ai, aj] >= tau)}[policy]
+                        done[l][b, i, j] |= settled
+    return done
+
+
+def slow_relabel(semantic, unity, prob, strides, policy, tau):
+    done = slow_done(unity, prob, strides, policy, tau)
+    semantic, unity = [t.clone() for t in semantic], [t.clone() for t in unity]
+    for t, d in zip(semantic + unity, done + done):
+        t[d] = IGNORE_INDEX
+    return semantic, unity, done
+
+
+@pytest.mark.parametrize("levels", [2, 4])
+@pytest.mark.parametrize("policy", ["naive", "simple", "true-positive"])
+def test_relabel_matches_ancestor_loop(policy, levels):
+    strides, tau = sf.STRIDES[levels], 0.9
+    target = blocky_labels(2, 64, 64, classes=2, seed=1)
+    semantic, unity = sf.pyramid_ground_truth(target, strides)
+    g = torch.Generator().manual_seed(2)
+    prob = [torch.where(torch.rand(t.shape, generator=g) < 0.5, 0.95, 0.3) for t in unity[:-1]]
+    done = sf.done_by_coarser(unity, prob, strides, policy, tau)
+    fast = sf.relabel(semantic, unity, done)
+    slow = slow_relabel(semantic, unity, prob, strides, policy, tau)
+    for l in range(levels):
+        assert torch.equal(done[l], slow[2][l]), f"done level {l}"
+        assert torch.equal(fast[0][l], slow[0][l]), f"semantic level {l}"
+        assert torch.equal(fast[1][l], slow[1][l]), f"unity level {l}"
+    if policy != "naive":                                  # the test exercises the relabelling
+        assert not torch.equal(fast[0][-1], semantic[-1])
+
+
+@pytest.mark.parametrize("levels", [2, 4])
+def test_fuse_matches_pixel_loop(levels):
+    strides, tau = sf.STRIDES[levels], 0.9
+    B, K, H, W = 2, 5, 64, 96
+    g = torch.Generator().manual_seed(3)
+    semantic = [torch.randn(B, K, H // s, W // s, generator=g) for s in strides]
+    prob = [torch.rand(B, H // s, W // s, generator=g) ** 0.3 for s in strides[:-1]]   # many >= tau
+    fused, level = sf.fuse(semantic, prob, strides, tau)
+    finest = strides[-1]
+    for b in range(B):
+        for i in range(H // finest):
+            for j in range(W // finest):
+                taken = levels - 1                         # the finest level fills what is left
+                for l in range(levels - 1):
+                    r = strides[l] // finest
+                    if prob[l][b, i // r, j // r] >= tau:
+                        taken = l
+                        break
+                r = strides[taken] // finest
+                assert level[b, i, j] == taken
+                assert torch.equal(fused[b, :, i, j], semantic[taken][b, :, i // r, j // r])
+    assert len(level.unique()) == levels
+
+
+@pytest.mark.parametrize("levels", [2, 4])
+def test_one_class_map_is_done_at_the_coarsest_level(levels):
+    strides = sf.STRIDES[levels]
+    target = torch.full((2, 64, 96), 3, dtype=torch.long)
+    target[:, ::5, ::3] = IGNORE_INDEX                     # scattered ignore pixels keep cells unity
+    semantic, unity = sf.pyramid_ground_truth(target, strides)
+    assert all((u == 1).all() for u in unity) and all((y == 3).all() for y in semantic)
+    confident = [torch.full_like(u, 0.95, dtype=torch.float) for u in unity[:-1]]
+    unsure = [torch.full_like(u, 0.5, dtype=torch.float) for u in unity[:-1]]
+    for policy, prob in (("simple", unsure), ("true-positive", confident)):
+        y, u = sf.relabel(semantic, unity, sf.done_by_coarser(unity, prob, strides, policy))
+        assert (y[0] == 3).all() and (u[0] == 1).all()
+        assert all((t == IGNORE_INDEX).all() for t in y[1:] + u[1:]), policy
+    y, u = sf.relabel(semantic, unity, sf.done_by_coarser(unity, unsure, strides, "true-positive"))
+    assert all(torch.equal(a, b) for a, b in zip(y + u, semantic + unity))   # no true positive yet
+    logits = [torch.randn(2, 4, 64 // s, 96 // s) for s in strides]
+    _, level = sf.fuse(logits, confident, strides)
+    assert (level == 0).all()
+
+
+def test_unity_head_matches_cell_loop():
+    torch.manual_seed(0)
+    strides = sf.STRIDES[4]
+    head = sf.UnityHead(6, channels=4, strides=strides)
+    x = torch.randn(1, 6, 8, 8, requires_grad=True)
+    fast = head(x)
+    w = lambda conv: (conv.weight[:, :, 0, 0], conv.bias)
+    lin = lambda conv, v: v @ w(conv)[0].T + w(conv)[1]     # a 1x1 conv on (..., C) vectors
+    x_u = lin(head.reduce, x[0].permute(1, 2, 0))           # (8, 8, Du)
+    slow = []
+    for s in strides[:-1]:
+        r = s // strides[-1]
+        cells = torch.empty(8 // r, 8 // r)
+        for i in range(8 // r):
+            for j in range(8 // r):
+                block = x_u[i * r:(i + 1) * r, j * r:(j + 1) * r]                     # (r, r, Du)
+                centroid = lin(head.centroid, block.mean((0, 1)))
+                prob = torch.sigmoid(lin(head.classify, lin(head.embed, block) - centroid))
+                cells[i, j] = prob.min()                                              # min pooling
+        slow.append(cells)
+    for f, s_ in zip(fast, slow):
+        assert torch.allclose(f[0].sigmoid(), s_, atol=1e-6)
+    weights = [torch.randn_like(s_) for s_ in slow]
+    grad_fast = torch.autograd.grad(sum((f[0].sigmoid() * c).sum() for f, c in zip(fast, weights)), x)[0]
+    grad_slow = torch.autograd.grad(sum((s_ * c).sum() for s_, c in zip(slow, weights)), x)[0]
+    assert torch.allclose(grad_fast, grad_slow, atol=1e-6)
+
+
+def test_context_aggregation_matches_position_loop():
+    torch.manual_seed(0)
+    ca = sf.ContextAggregation(8).eval()
+    x = torch.randn(2, 8, 3, 5)
+    theta = sf.pyramid_pool(torch.randn(2, 8, 7, 6))
+    assert theta.shape == (2, 8, 110, 1)
+    assert torch.allclose(sf.pyramid_pool(x)[:, :, 0, 0], x.mean((2, 3)), atol=1e-6)   # the 1x1 bin
+    out = ca(x, theta)
+    q = F.conv2d(x, ca.query.weight, ca.query.bias)
+    k = F.conv2d(theta, ca.key.weight, ca.key.bias)[..., 0]
+    v = F.conv2d(theta, ca.value.weight, ca.value.bias)[..., 0]
+    att = torch.empty_like(x)
+    for b in range(2):
+        for i in range(3):
+            for j in range(5):
+                score = torch.stack([q[b, :, i, j] @ k[b, :, t] for t in range(110)]) / 2.0  # sqrt(Ck = 4)
+                att[b, :, i, j] = (score.softmax(0) * v[b]).sum(1)
+    assert torch.allclose(out, ca.aggregate(torch.cat([att, x], 1)), atol=1e-5)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return sf.SpecializeFuse(common.ResNet(18, 32), 4, semantic_channels=16, unity_channels=8, **kw)
+
+
+def mean_ce(logits, target):
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / \
+        (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("finest_target", ["pixels", "cells"])
+@pytest.mark.parametrize("policy", ["naive", "true-positive"])
+def test_loss_is_eq1_over_relabelled_cells(policy, finest_target):
+    model = tiny_model(relabel=policy, finest_target=finest_target)
+    strides, B, K = model.strides, 2, 4
+    target = blocky_labels(B, 64, 64, classes=K, seed=4)
+    g = torch.Generator().manual_seed(5)
+    semantic = [torch.randn(B, K, 64 // s, 64 // s, generator=g) for s in strides]
+    unity = [torch.randn(B, 64 // s, 64 // s, generator=g) * 4 for s in strides[:-1]]
+    losses = model.loss({"semantic": semantic, "unity": unity}, target)
+    y, u, done = slow_relabel(*slow_pyramid(target, strides), [t.sigmoid() for t in unity], strides, policy, 0.9)
+    ce = [mean_ce(s_, t) for s_, t in zip(semantic, y)]
+    if finest_target == "pixels":                          # every pixel of a finest cell not done by coarser
+        pixel_target = target.clone()
+        for b, i, j in done[-1].nonzero().tolist():
+            pixel_target[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = IGNORE_INDEX
+        ce[-1] = mean_ce(F.interpolate(semantic[-1], size=(64, 64), mode="bilinear", align_corners=False), pixel_target)
+    bce = [F.binary_cross_entropy(p.sigmoid()[t != IGNORE_INDEX], t[t != IGNORE_INDEX].float(), reduction="sum")
+           / (t != IGNORE_INDEX).sum().clamp(min=1) for p, t in zip(unity, u)]
+    assert torch.allclose(losses["semantic"], sum(ce) / 4, atol=1e-5)
+    assert torch.allclose(losses["unity"], sum(bce) / 3, atol=1e-5)
+    assert torch.allclose(losses["total"], losses["semantic"] + losses["unity"])
+    assert policy == "naive" or done[-1].any()
+
+
+def test_odd_input_sizes_follow_sec_3_1():
+    assert sf.working_size((33, 47), 32) == (32, 32)
+    assert sf.working_size((48, 80), 32) == (64, 96)
+    assert sf.working_size((10, 700), 32) == (32, 704)
+    model = tiny_model()
+    image, target = torch.randn(2, 3, 33, 47), torch.randint(0, 4, (2, 33, 47))
+    out = model(image)                                     # training mode
+    assert out["out"].shape == (2, 4, 33, 47) and out["level"].shape == (2, 33, 47)
+    assert [tuple(y.shape[-2:]) for y in out["semantic"]] == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    assert torch.isfinite(model.loss(out, target)["total"])
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 49, 80))
+    assert out["out"].shape == (1, 4, 49, 80) and out["semantic"][-1].shape[-2:] == (16, 24)
+    assert out["maps"]["level"].shape == (1, 1, 16, 24) and out["maps"]["unity"].shape == (1, 3, 16, 24)
+
+
+@pytest.mark.parametrize("tau, level", [(0.0, 0), (1.1, 3)])
+def test_eval_output_is_the_fused_pyramid(tau, level):
+    model = tiny_model(tau=tau).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(image)
+    expected = out["semantic"][level] if level == 3 else sf.nearest_up(out["semantic"][0], 8)
+    assert (out["level"] == level).all()
+    assert torch.allclose(out["out"], common.resize(expected, (64, 64)))
+    assert torch.equal(sf.level_counts(out["level"], 4), torch.tensor([64 * 64 * (level == k) for k in range(4)]))

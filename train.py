@@ -1,0 +1,312 @@
+"""Train and evaluate any method of segpapers: one plain loop, one code path.
+
+    python train.py --method fcn --dataset synthetic --backbone resnet18 --iters 300      # CPU or 1 GPU
+    torchrun --standalone --nproc_per_node=8 train.py --method galdv1 --dataset cityscapes ...  # DDP
+    python train.py --method galdv1 --help                                              # its flags
+
+Under torchrun (RANK is set) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
+(SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
+summary.json (last evaluation), last.pt and best.pt (written atomically; --resume continues last.pt).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import denoised_nl
+import galdv1
+import hier_ms_attn
+import specialize_fuse
+
+# Every method: (add its argument group, build its model). train.py never branches on the name.
+METHODS = {
+    "fcn": (common.add_fcn_args, common.build_fcn),
+    "galdv1": (galdv1.add_args, galdv1.build_model),
+    "denoised_nl": (denoised_nl.add_args, denoised_nl.build_model),
+    "specialize_fuse": (specialize_fuse.add_args, specialize_fuse.build_model),
+    "hier_ms_attn": (hier_ms_attn.add_args, hier_ms_attn.build_model),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_common_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "camvid"])
+    g.add_argument("--data-root", help="dataset folder in the layout README.md describes")
+    g.add_argument("--val-split", default="val", help="split evaluated (val or test)")
+    g.add_argument("--crop-size", type=int, nargs="+", default=[512], help="train crop: S or H W")
+    g.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], help="random scale range")
+    g.add_argument("--jitter", type=float, default=0.25, help="photometric jitter strength (0 = off)")
+    g.add_argument("--blur", action="store_true", help="random Gaussian blur (HMSA)")
+    g.add_argument("--workers", type=int, default=2, help="data loader processes per GPU/process")
+    g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side")
+    g.add_argument("--synthetic-length", type=int, default=2000, help="synthetic training images")
+    g.add_argument("--synthetic-val-length", type=int, default=50, help="synthetic evaluation images")
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
+    g.add_argument("--pretrained", help="local ImageNet checkpoint for the backbone (nothing is downloaded)")
+    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
+    g.add_argument("--multi-grid", type=int, nargs="+", help="layer4 dilation multipliers, e.g. 1 2 4")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=8, help="images per process (global = this x processes)")
+    g.add_argument("--iters", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up iterations")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, help="iterations between evaluations (default: at the end)")
+    g.add_argument("--eval-mode", default="whole", choices=["whole", "slide"])
+    g.add_argument("--eval-crop", type=int, default=512, help="sliding-window size")
+    g.add_argument("--eval-stride", type=int, default=341, help="sliding-window stride")
+    g.add_argument("--eval-scales", type=float, nargs="+", default=[1.0], help="e.g. 0.5 1.0 2.0")
+    g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    g.add_argument("--out", help="run folder (default runs/METHOD_DATASET)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and stop")
+    g.add_argument("--checkpoint", help="model weights to evaluate (--eval-only) or to start from")
+    g.add_argument("--save-every", type=int, default=1000, help="iterations between last.pt writes")
+    g.add_argument("--log-every", type=int, default=20)
+
+
+def parse_args(argv=None):
+    """Two passes: --method first, then the common flags plus that method's own group."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="fcn", choices=list(METHODS))
+    method = pre.parse_known_args(argv)[0].method
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="fcn", choices=list(METHODS), help="the paper to run")
+    add_common_args(parser)
+    METHODS[method][0](parser)
+    args = parser.parse_args(argv)
+    if len(args.crop_size) > 2:
+        parser.error("--crop-size takes one or two numbers")
+    args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
+    args.out = args.out or os.path.join("runs", f"{args.method}_{args.dataset}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up, checkpoints
+
+
+def setup_distributed(device_arg):
+    """(rank, world size, device). torchrun sets RANK; otherwise one plain process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and device_arg != "cpu":
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
+def save_checkpoint(path, model, optimizer, scaler, iteration, best_miou, args):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "iteration": iteration, "best_miou": best_miou, "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "args": {k: v for k, v in vars(args).items()}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise common.InputError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_weights(path):
+    state = load_checkpoint(path)
+    return state["model"] if "model" in state else state
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, rank, world, device):
+    """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
+    the confusion matrices are summed over ranks."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=args.workers)
+    cm = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.long, device=device)
+    for image, label in loader:
+        image, label = image.to(device), label.to(device)
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast(args, device):
+            logits = common.infer(model, image, label.shape[-2:], args.eval_mode, args.eval_crop,
+                                  args.eval_stride, tuple(args.eval_scales), args.flip)
+        cm += common.confusion_matrix(logits.argmax(1), label, dataset.num_classes)
+    if world > 1:
+        dist.all_reduce(cm)
+    model.train()
+    return common.segmentation_metrics(cm.cpu(), dataset.class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def autocast(args, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model, raw_model, optimizer, scaler, images, labels, args, device, world):
+    """One SGD step; returns the loss terms as floats. Stops on a non-finite loss on any rank."""
+    with autocast(args, device):
+        outputs = model(images)
+    losses = raw_model.loss(outputs, labels)
+    finite = torch.isfinite(losses["total"].detach()).float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 0:
+        raise common.InputError(f"the loss is not finite ({losses['total'].item()}): training stopped; "
+                                f"the last good checkpoint is {os.path.join(args.out, 'last.pt')}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def log(rank, args, record, line=None):
+    if rank != 0:
+        return
+    if line:
+        print(line, flush=True)
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def progress_line(it, args, losses, lr, speed):
+    terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    eta = (args.iters - it - 1) / max(speed, 1e-9)
+    return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
+
+
+def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
+    sampler = common.TrainSampler(len(train_set), args.batch_size, rank, world, args.seed, start_iter)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, generator=torch.Generator())
+    batches, tic, metrics = iter(loader), time.time(), None
+    eval_every = args.eval_every or args.iters
+    for it in range(start_iter, args.iters):
+        lr = common.poly_lr(args.lr, it, args.iters, args.poly_power, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args, device, world)
+        if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
+            speed = (it + 1 - start_iter) / (time.time() - tic)
+            log(rank, args, {"iter": it + 1, "lr": lr, **losses}, progress_line(it, args, losses, lr, speed))
+        if (it + 1) % eval_every == 0 or it + 1 == args.iters:
+            metrics = evaluate(raw_model, val_set, args, rank, world, device)
+            log(rank, args, {"iter": it + 1, **metrics}, f"eval at {it + 1}: mIoU {metrics['mIoU']:.2f} "
+                f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
+            if rank == 0:
+                write_summary(args, metrics, it + 1)
+                if metrics["mIoU"] > best:
+                    best = metrics["mIoU"]
+                    save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, optimizer, scaler, it + 1, best, args)
+        if rank == 0 and ((it + 1) % args.save_every == 0 or it + 1 == args.iters):
+            save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, optimizer, scaler, it + 1, best, args)
+    return metrics
+
+
+def write_summary(args, metrics, iteration):
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}, f, indent=1)
+
+
+def main(argv=None):
+    """Train (or evaluate) as the flags say; returns (model, last metrics)."""
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    train_set, val_set = common.build_datasets(args)
+    args.num_classes = train_set.num_classes
+    os.makedirs(args.out, exist_ok=True)
+    raw_model = METHODS[args.method][1](args).to(device)
+    if args.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    if args.checkpoint:
+        raw_model.load_state_dict(model_weights(args.checkpoint))
+    if args.eval_only:
+        metrics = evaluate(raw_model, val_set, args, rank, world, device)
+        if rank == 0:
+            print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
+            write_summary(args, metrics, None)
+        return raw_model, metrics
+    model = raw_model
+    if world > 1:
+        if device.type == "cuda":
+            raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_iter, best = 0, -1.0
+    last = os.path.join(args.out, "last.pt")
+    if args.resume and os.path.isfile(last):
+        state = load_checkpoint(last)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter, best = state["iteration"], state["best_miou"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if rank == 0:
+            print(f"resumed from {last} at iteration {start_iter}")
+    if rank == 0:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {world} process(es), {device}")
+    metrics = train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device)
+    return raw_model, metrics
+
+
+def error_message(e):
+    """The user's message alone, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(e).strip()
+    return text.splitlines()[-1].split("InputError: ", 1)[-1] if "Traceback" in text else text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.InputError as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
