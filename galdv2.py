@@ -1,0 +1,213 @@
+"""GALD v2: Global Aggregation then Local Distribution with the dynamic LD module (LDv2).
+
+Paper: X. Li, L. Zhang, G. Cheng, K. Yang, Y. Tong, X. Zhu, T. Xiang, "Global Aggregation then Local
+Distribution for Scene Parsing", IEEE TIP 2021 (../shared/papers/galdv2_tip.txt).
+
+No official code exists for LDv2 (the authors' repository only announces it): this file is the
+reference reconstruction from Sec. III-B, Eqs. (6)-(8) and Fig. 5, with the gaps filled as
+../shared/notes/DECISIONS.md (galdv2) says. The GA modules and LDv1 are imported from galdv1.py.
+
+Idea. GA (ASPP by default) gives every position global context X_g; LDv2 redistributes it with a
+local attention: each position i attends to k x k neighbours sampled with dilation r from
+x = concat(X_g, X_l), softmax over the k*k samples (Eq. 8), so the global context a position
+receives depends on its local appearance.
+
+Map from the paper to this file:
+    Sec. III-A, Fig. 5 (a)   GA modules                          galdv1.build_ga
+    Sec. III-A, Eqs. (1)-(2) LDv1 (Table IV "LDv1" row)           galdv1.LocalDistribution
+    Sec. III-B, Eqs. (6)-(8) LDv2                                 DynamicLocalDistribution
+    Sec. III-B, Fig. 5 (b)   concat(X_gald, X_l) -> head          GALDv2.forward
+    Sec. IV-B                aux head on layer3, OHEM main loss   GALDv2.loss
+    Fig. 9                   affinity of one pixel laid out       DynamicLocalDistribution.affinity_map
+
+The network: dilated ResNet -> 3x3 conv 2048->512 (X_l, GALD v1's conva) -> GA (512 -> 512) = X_g
+-> LD -> 3x3 conv 512 (v1's convb) -> concat with layer4 (Eq. 3) -> 3x3 conv 512 -> 1x1 classifier.
+`ld` swaps only the LD step (Table IV): v2 = LDv2 then concat(X_gald, X_l) (so convb reads 1024
+channels), v1 = galdv1's LocalDistribution, none = GA alone; with v1 / none the network is galdv1.GALD
+with the same GA. `ga='none'` gives LDv2 the local features alone (the "+LDv2" rows of Tables I d, II b).
+
+Paper gaps (marked NOTE(paper-gap) in the code):
+  - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (DECISIONS.md, code).
+  - Q/K width: 64 channels (official_code.md 1.9, REC 5); V keeps C = 512 so X_gald has X_g's size.
+  - The K conv has no bias: a key bias adds q_i . b to all k*k logits of position i and cancels in the
+    softmax, so it could never learn. Q and V keep their bias.
+  - No 1/sqrt(d) scaling of the logits: Eq. (8) has none (official_code.md REC 1 suggested one).
+  - Zero padding is of x, as the paper says ("zero padding is adopted to handle the border cases"):
+    off-image samples are s(n) = 0, so their key is W_phi 0 = 0 (logit 0, they still take part in
+    the softmax) and their value is W_g 0 + b_g = b_g. They are not masked out (official_code.md
+    REC 2 proposed masking; the paper says padding).
+  - Table II (b) is best at k=5, r=6 (the 80.8 quoted in Tables I d, IV), but the text says "k = 5 and
+    r = 3 is used for the remaining datasets": the default is k=5, r=3 (DECISIONS.md).
+  - No residual around LDv2 (official_code.md REC 3 proposed X_g + LDv2): Eq. (8) and Fig. 5 (b) have
+    none, X_l reaches the head through the concat.
+Implementation, not a deviation: the (B, C, k*k, H, W) tensor of sampled features is never built (see
+DynamicLocalDistribution.forward); tests/test_galdv2.py proves the result equal, values and
+gradients, to the explicit unfold form of Eqs. (6)-(8).
+
+forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) in training,
+'maps': {'affinity': (B, 1, h, w)} for ld=v2, {'ld_mask': (B, 1, h, w)} for ld=v1}.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
+from galdv1 import LocalDistribution, build_ga
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. III-B: the dynamic Local Distribution module (LDv2)
+
+
+class DynamicLocalDistribution(nn.Module):
+    """LDv2, Sec. III-B, Eqs. (6)-(8): local attention over k x k neighbours sampled with dilation r.
+
+    X_gald(i) = sum_n softmax_n(x_theta(i) . s_phi(n)) s_g(n), with s(n) = x(i + r * delta_n) the
+    zero-padded samples of x = concat(X_g, X_l) (Eqs. 6-7), x_theta = W_theta x, s_phi = W_phi s,
+    s_g = W_g s, all 1x1 convolutions. key_input / query_input = 'global' feed X_g alone to W_phi /
+    W_theta instead of x (Table II c); the value always reads x (Eq. 6).
+    forward(x_g, x_l) -> (X_gald (B, C, H, W), affinity (B, k*k, H, W)).
+    """
+
+    def __init__(self, channels, *, kernel_size=5, dilation=3, key_channels=64,
+                 key_input="concat", query_input="concat"):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
+            raise InputError(f"LDv2 needs an odd kernel size and dilation >= 1, got k={kernel_size}, r={dilation}")
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.key_input, self.query_input = key_input, query_input
+        width = lambda choice: 2 * channels if choice == "concat" else channels
+        # NOTE(paper-gap): Q/K project to 64 channels, V keeps C (official_code.md 1.9, REC 5).
+        self.query = nn.Conv2d(width(query_input), key_channels, 1)                 # W_theta
+        # NOTE(paper-gap): no key bias: q_i . b is the same for all k*k logits and cancels in Eq. (8).
+        self.key = nn.Conv2d(width(key_input), key_channels, 1, bias=False)        # W_phi
+        self.value = nn.Conv2d(2 * channels, channels, 1)                           # W_g
+
+    def offsets(self):
+        """The k*k displacements r * delta_n of Eq. (7), row-major (the order of F.unfold)."""
+        half = self.kernel_size // 2
+        steps = [self.dilation * d for d in range(-half, half + 1)]
+        return [(dy, dx) for dy in steps for dx in steps]
+
+    def forward(self, x_g, x_l):
+        B, C, H, W = x_g.shape
+        x = torch.cat([x_g, x_l], 1)                                       # (B, 2C, H, W)
+        q = self.query(x if self.query_input == "concat" else x_g)         # (B, D, H, W)
+        # A 1x1 conv commutes with sampling, and W 0 = 0 without bias: project first, then sample
+        # the projections with zero padding. That is Eqs. (6)-(7) on x at 1/(k*k) of the cost, with
+        # no (B, C, k*k, H, W) tensor. The value bias is added after the sum: the weights sum to 1.
+        p = self.dilation * (self.kernel_size // 2)
+        keys = F.pad(self.key(x if self.key_input == "concat" else x_g), (p, p, p, p))  # (B, D, H+2p, W+2p)
+        values = F.pad(F.conv2d(x, self.value.weight), (p, p, p, p))      # (B, C, H+2p, W+2p)
+        window = lambda t, dy, dx: t[:, :, p + dy:p + dy + H, p + dx:p + dx + W]  # s(n) for all i
+        logits = torch.stack([(q * window(keys, dy, dx)).sum(1) for dy, dx in self.offsets()], 1)  # (B, k*k, H, W)
+        affinity = logits.softmax(1)                                       # Eq. (8): delta = softmax over n
+        x_gald = self.value.bias.view(1, C, 1, 1)
+        for n, (dy, dx) in enumerate(self.offsets()):                      # Eq. (8): sum_n a_n s_g(n)
+            x_gald = torch.addcmul(x_gald, affinity[:, n:n + 1], window(values, dy, dx))  # (B, C, H, W)
+        return x_gald, affinity
+
+    @torch.no_grad()
+    def affinity_map(self, affinity, pixel=(0.5, 0.5)):
+        """Fig. 9: the k*k weights of one pixel (relative (y, x) position) laid out on the feature map.
+        affinity (B, k*k, H, W) -> (B, 1, H, W), zero off the sampled positions; padded samples, which
+        fall outside the map, are not drawn."""
+        B, _, H, W = affinity.shape
+        y, x = round(pixel[0] * (H - 1)), round(pixel[1] * (W - 1))
+        canvas = affinity.new_zeros(B, 1, H, W)
+        for n, (dy, dx) in enumerate(self.offsets()):
+            if 0 <= y + dy < H and 0 <= x + dx < W:
+                canvas[:, 0, y + dy, x + dx] = affinity[:, n, y, x]
+        return canvas
+
+
+# ----------------------------------------------------------------------------------------------
+# The network: GA -> LD -> the GALD v1 head (Sec. III-A, Fig. 5)
+
+
+class GALDv2(SegModel):
+    """Dilated ResNet -> 3x3 conv (X_l) -> GA (X_g) -> LD -> 3x3 conv -> head on concat(., layer4).
+
+    ld='v2': X_gald = LDv2(X_g, X_l), then concat(X_gald, X_l) (Fig. 5 b); ld='v1': galdv1's LD,
+    Eqs. (1)-(2); ld='none': X_g alone. ga='none' feeds X_l as X_g (Table I d / II b "+LDv2" rows).
+    Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux' (Sec. IV-B).
+    affinity_pixel: the (y, x) position, relative to the map, whose affinity 'maps' shows (Fig. 9).
+    """
+
+    def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", kernel_size=5, dilation=3,
+                 key_input="concat", query_input="concat", channels=512, key_channels=64,
+                 output_stride=8, aux_weight=0.4, ohem=True, affinity_pixel=(0.5, 0.5)):
+        super().__init__()
+        self.backbone = backbone
+        c3, c4 = backbone.channels[2:]
+        self.ld_kind, self.affinity_pixel = ld, affinity_pixel
+        # NOTE(paper-gap): X_l = 3x3 conv 2048->512 of layer4, the GA's input as GALD v1's conva (DECISIONS.md)
+        self.local = conv_bn_relu(c4, channels, 3)
+        self.ga = nn.Identity() if ga == "none" else build_ga(ga, channels, channels, output_stride)
+        if ld == "v2":
+            self.ld = DynamicLocalDistribution(channels, kernel_size=kernel_size, dilation=dilation,
+                                               key_channels=key_channels, key_input=key_input,
+                                               query_input=query_input)
+        elif ld == "v1":
+            self.ld = LocalDistribution(channels)
+        elif ld != "none":
+            raise InputError(f"--ld must be v2, v1 or none, got {ld!r}")
+        # NOTE(paper-gap): the GALD v1 head: 3x3 conv to 512, concat with layer4 (Eq. 3), 3x3 conv,
+        # 1x1 classifier (GALD code); it reads 2 x 512 channels after LDv2's concat(X_gald, X_l).
+        self.convb = conv_bn_relu(2 * channels if ld == "v2" else channels, channels, 3)
+        self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3), nn.Conv2d(channels, num_classes, 1))
+        self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
+        self.aux_weight, self.ohem = aux_weight, ohem
+
+    def distribute(self, x_g, x_l):
+        """The LD step: features for convb and the 'maps' to show."""
+        if self.ld_kind == "v2":
+            x_gald, affinity = self.ld(x_g, x_l)                       # Eqs. (6)-(8), (B, C, H, W)
+            maps = {"affinity": self.ld.affinity_map(affinity, self.affinity_pixel)}  # (B, 1, H, W), Fig. 9
+            return torch.cat([x_gald, x_l], 1), maps                   # Fig. 5 (b): (B, 2C, H, W)
+        if self.ld_kind == "v1":
+            x_gald, m = self.ld(x_g)                                   # Eqs. (1)-(2), (B, C, H, W)
+            return x_gald, {"ld_mask": m.detach().mean(1, keepdim=True)}  # (B, 1, H, W)
+        return x_g, {}
+
+    def forward(self, image):
+        c1, c2, c3, c4 = self.backbone(image)                          # c4: (B, 2048, H/8, W/8) = X
+        x_l = self.local(c4)                                           # (B, C, H/8, W/8)
+        x_g = self.ga(x_l)                                             # (B, C, H/8, W/8)
+        x_ld, maps = self.distribute(x_g, x_l)
+        x_o = torch.cat([self.convb(x_ld), c4], 1)                     # Eq. (3): (B, C + 2048, H/8, W/8)
+        out = {"out": resize(self.head(x_o), image.shape[-2:])}        # (B, K, H, W)
+        if maps:
+            out["maps"] = maps
+        if self.training:
+            out["aux"] = resize(self.aux_head(c3), image.shape[-2:])   # (B, K, H, W)
+        return out
+
+    def loss(self, outputs, target):
+        return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)
+
+
+def add_args(parser):
+    group = parser.add_argument_group("galdv2: GALD v2 with dynamic Local Distribution (TIP 2021)")
+    group.add_argument("--ga", default="aspp", choices=["aspp", "psp", "nl", "cgnl", "none"],
+                       help="Global Aggregation module (Table I d); none = LD alone (the '+LDv2' rows)")
+    group.add_argument("--ld", default="v2", choices=["v2", "v1", "none"],
+                       help="Local Distribution: LDv2 (Sec. III-B), LDv1 (Eqs. 1-2) or none (Table IV rows)")
+    group.add_argument("--ld-kernel", type=int, default=5, help="LDv2 local kernel size k, k*k samples (Table II b)")
+    group.add_argument("--ld-dilation", type=int, default=3, help="LDv2 sampling dilation rate r (Table II b)")
+    group.add_argument("--key-input", default="concat", choices=["concat", "global"],
+                       help="LDv2 key from concat(X_g, X_l) or from X_g only (Table II c 'Key' row)")
+    group.add_argument("--query-input", default="concat", choices=["concat", "global"],
+                       help="LDv2 query from concat(X_g, X_l) or from X_g only (Table II c 'Query' row)")
+    group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
+                       help="OHEM cross-entropy on the main output (Sec. IV-B)")
+    group.add_argument("--affinity-pixel", type=float, nargs=2, default=[0.5, 0.5], metavar=("Y", "X"),
+                       help="relative position of the pixel whose LDv2 affinity 'maps' shows (Fig. 9)")
+
+
+def build_model(args):
+    return GALDv2(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, kernel_size=args.ld_kernel,
+                  dilation=args.ld_dilation, key_input=args.key_input, query_input=args.query_input,
+                  output_stride=args.output_stride, ohem=args.ohem, affinity_pixel=tuple(args.affinity_pixel))

@@ -1,0 +1,167 @@
+"""Math tests for galdv2.py: LDv2 (Eqs. 6-8) against the explicit unfold formulation, borders, k=1,
+the Fig. 9 affinity map, and the network's outputs. CPU, tiny inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import galdv1
+import galdv2
+
+
+def ldv2_unfold(ld, x_g, x_l):
+    """The readable reference of Eqs. (6)-(8): sample the k*k zero-padded neighbours s(n) of every
+    position from x with F.unfold (a (B, 2C, k*k, H, W) tensor), apply the 1x1 convs to the samples,
+    softmax over n, weighted sum of the values."""
+    B, C, H, W = x_g.shape
+    k, r = ld.kernel_size, ld.dilation
+    x = torch.cat([x_g, x_l], 1)
+    sample = lambda t: F.unfold(t, k, dilation=r, padding=r * (k // 2)).view(B, t.shape[1], k * k, H, W)
+    s_key = sample(x if ld.key_input == "concat" else x_g)                    # Eqs. (6)-(7)
+    s = sample(x)
+    q = ld.query(x if ld.query_input == "concat" else x_g)                     # (B, D, H, W)
+    keys = torch.einsum("dc,bcnhw->bdnhw", ld.key.weight[:, :, 0, 0], s_key)
+    values = torch.einsum("dc,bcnhw->bdnhw", ld.value.weight[:, :, 0, 0], s) + ld.value.bias.view(1, -1, 1, 1, 1)
+    affinity = torch.einsum("bdhw,bdnhw->bnhw", q, keys).softmax(1)            # Eq. (8)
+    return torch.einsum("bnhw,bcnhw->bchw", affinity, values), affinity
+
+
+def make_ld(channels=6, **kw):
+    torch.manual_seed(0)
+    ld = galdv2.DynamicLocalDistribution(channels, key_channels=4, **kw).double()
+    with torch.no_grad():                                      # non-zero biases so padding order matters
+        ld.query.bias.normal_()
+        ld.value.bias.normal_()
+    return ld
+
+
+def inputs(B=2, C=6, H=7, W=11):
+    torch.manual_seed(1)
+    return (torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True),
+            torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("k, r, key_input, query_input", [
+    (5, 3, "concat", "concat"), (3, 1, "concat", "concat"), (3, 2, "global", "concat"),
+    (5, 2, "concat", "global"), (7, 6, "global", "global")])
+def test_ldv2_equals_unfold_reference_values_and_gradients(k, r, key_input, query_input):
+    ld = make_ld(kernel_size=k, dilation=r, key_input=key_input, query_input=query_input)
+    x_g, x_l = inputs()
+    out, aff = ld(x_g, x_l)
+    ref, ref_aff = ldv2_unfold(ld, x_g, x_l)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff, ref_aff, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out)                            # a generic upstream gradient
+    leaves = [x_g, x_l, *ld.parameters()]
+    grads = torch.autograd.grad((out * weights).sum() + aff.sum() * 0.3, leaves)
+    ref_grads = torch.autograd.grad((ref * weights).sum() + ref_aff.sum() * 0.3, leaves)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-10)
+
+
+def test_border_samples_are_zero_padded_x_not_masked():
+    """At a corner, an explicit loop over the k*k offsets with s(n) = 0 off the image (the paper's
+    zero padding of x): the key is W_phi 0 = 0 (logit 0), the value W_g 0 + b_g = b_g."""
+    ld = make_ld(kernel_size=5, dilation=2)
+    x_g, x_l = inputs(B=1, H=5, W=6)
+    x = torch.cat([x_g, x_l], 1)[0].detach()
+    out, aff = ld(x_g, x_l)
+    Wq, bq = ld.query.weight[:, :, 0, 0], ld.query.bias
+    Wk, Wv, bv = ld.key.weight[:, :, 0, 0], ld.value.weight[:, :, 0, 0], ld.value.bias
+    for y, xx in [(0, 0), (4, 5), (2, 3)]:
+        q = Wq @ x[:, y, xx] + bq
+        samples = [x[:, y + dy, xx + dx] if 0 <= y + dy < 5 and 0 <= xx + dx < 6 else torch.zeros_like(x[:, 0, 0])
+                   for dy, dx in ld.offsets()]
+        logits = torch.stack([q @ (Wk @ s) for s in samples])
+        a = logits.softmax(0)
+        expected = sum(a_n * (Wv @ s + bv) for a_n, s in zip(a, samples))
+        torch.testing.assert_close(out[0, :, y, xx], expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(aff[0, :, y, xx], a, rtol=1e-10, atol=1e-10)
+    outside = [n for n, (dy, dx) in enumerate(ld.offsets()) if dy < 0 or dx < 0]   # off-image at (0, 0)
+    corner = aff[0, :, 0, 0]
+    assert (corner[outside] > 0).all(), "padded samples take part in the softmax"
+    torch.testing.assert_close(corner[outside], corner[outside[0]].expand(len(outside)))  # all logits 0
+
+
+def test_kernel_one_is_the_value_projection():
+    """k = 1: the softmax over one sample is 1, so X_gald = W_g x exactly."""
+    ld = make_ld(kernel_size=1, dilation=3)
+    x_g, x_l = inputs()
+    out, aff = ld(x_g, x_l)
+    assert torch.equal(aff, torch.ones_like(aff))
+    torch.testing.assert_close(out, ld.value(torch.cat([x_g, x_l], 1)), rtol=0, atol=1e-13)
+
+
+def largest_saved_storage(fn, *args):
+    """Elements of the largest storage that autograd saves for backward while fn runs."""
+    sizes = []
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes() // t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return max(sizes)
+
+
+def test_no_sampled_feature_tensor_is_kept_for_backward():
+    """Nothing of the size of the (B, C, k*k, H, W) samples is saved for backward: the largest saved
+    storage is the padded value projection (B, C, H+2p, W+2p); the unfold reference saves the samples."""
+    ld = make_ld(channels=8, kernel_size=5, dilation=3)       # p = 6
+    x_g, x_l = inputs(B=1, C=8, H=9, W=10)
+    assert largest_saved_storage(ld, x_g, x_l) == 8 * (9 + 12) * (10 + 12)
+    assert largest_saved_storage(lambda a, b: ldv2_unfold(ld, a, b), x_g, x_l) >= 2 * 8 * 25 * 9 * 10
+
+
+def test_odd_sizes_and_maps_smaller_than_the_window():
+    ld = galdv2.DynamicLocalDistribution(4, kernel_size=5, dilation=3, key_channels=2)
+    out, aff = ld(torch.randn(1, 4, 3, 5), torch.randn(1, 4, 3, 5))   # the 13x13 span exceeds the map
+    assert out.shape == (1, 4, 3, 5) and aff.shape == (1, 25, 3, 5)
+    torch.testing.assert_close(aff.sum(1), torch.ones(1, 3, 5))
+
+
+def test_affinity_map_lays_out_the_weights_of_the_chosen_pixel():
+    ld = galdv2.DynamicLocalDistribution(4, kernel_size=3, dilation=2, key_channels=2)
+    aff = torch.rand(2, 9, 9, 13).softmax(1)
+    canvas = ld.affinity_map(aff, pixel=(0.5, 0.25))           # pixel (4, 3)
+    assert canvas.shape == (2, 1, 9, 13)
+    for n, (dy, dx) in enumerate(ld.offsets()):
+        torch.testing.assert_close(canvas[:, 0, 4 + dy, 3 + dx], aff[:, n, 4, 3])
+    torch.testing.assert_close(canvas.sum((1, 2, 3)), torch.ones(2))   # all 9 samples inside the map
+    corner = ld.affinity_map(aff, pixel=(0.0, 0.0))
+    torch.testing.assert_close(corner.sum((1, 2, 3)), aff[:, [4, 5, 7, 8], 0, 0].sum(1))
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    return galdv2.GALDv2(common.ResNet(18, 8), 5, channels=32, **kw)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_ld_switch_swaps_only_the_ld_module():
+    """ld=v1 / none are GALD v1 with the same GA (galdv1.GALD, ld on / off); ld=v2 adds exactly the
+    LDv2 convs and the wider input of convb that concat(X_gald, X_l) needs (Table IV's comparison)."""
+    none, v1, v2 = (small_model(ld=ld) for ld in ("none", "v1", "v2"))
+    for model, ld in ((none, False), (v1, True)):
+        reference = galdv1.GALD(common.ResNet(18, 8), 5, ga="aspp", ld=ld, channels=32)
+        assert n_params(model) == n_params(reference)
+    assert n_params(v2) - n_params(none) == n_params(v2.ld) + 32 * 32 * 9     # convb: 64 -> 32 instead of 32 -> 32
+    assert n_params(v1) - n_params(none) == n_params(v1.ld)
+
+
+@pytest.mark.parametrize("ld, maps", [("v2", {"affinity"}), ("v1", {"ld_mask"}), ("none", set())])
+def test_network_odd_size_outputs_and_maps(ld, maps):
+    model = small_model(ld=ld, kernel_size=3, dilation=2, affinity_pixel=(0.0, 1.0)).train()
+    out = model(torch.randn(2, 3, 33, 47))
+    assert out["out"].shape == out["aux"].shape == (2, 5, 33, 47)
+    assert set(out.get("maps", {})) == maps
+    for m in out.get("maps", {}).values():
+        assert m.shape == (2, 1, 5, 6) and 0 <= m.min() and m.max() <= 1
+    if ld == "v2":                                             # top-right pixel: 4 of its 9 samples are inside
+        assert (out["maps"]["affinity"] > 0).sum() == 2 * 4 and out["maps"]["affinity"][:, 0, 0, 5].gt(0).all()
+    target = torch.randint(0, 5, (2, 33, 47))
+    losses = model.loss(out, target)
+    torch.testing.assert_close(losses["total"], losses["main"] + 0.4 * losses["aux"])
+    assert "aux" not in model.eval()(torch.randn(1, 3, 33, 47))
