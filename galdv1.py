@@ -109,6 +109,8 @@ class NonLocal(nn.Module):
 
     def __init__(self, channels, *, inner_channels=None):
         super().__init__()
+        # NOTE(paper-gap): embedded Gaussian, C/2 inner channels, zero-initialised output BN (the repo
+        # has no NL; official_code.md 1.4 / DECISIONS.md)
         inner = inner_channels or channels // 2
         self.theta = nn.Conv2d(channels, inner, 1)
         self.phi = nn.Conv2d(channels, inner, 1)
@@ -134,6 +136,7 @@ class PSP(nn.Module):
 
     def __init__(self, in_channels, out_channels, *, bins=(1, 2, 3, 6)):
         super().__init__()
+        # NOTE(paper-gap): C/4 channels per bin with BN + ReLU, as PSPNet (the code: 512 per bin, no ReLU)
         branch = in_channels // len(bins)
         self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, 1))
                                     for b in bins)
@@ -150,6 +153,7 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels, out_channels, *, rates=(12, 24, 36), inner_channels=256):
         super().__init__()
+        # NOTE(paper-gap): 256 channels per branch, as DeepLabv3 and the authors' SFSegNets ASPP
         self.branches = nn.ModuleList([conv_bn_relu(in_channels, inner_channels, 1)] +
                                       [conv_bn_relu(in_channels, inner_channels, 3, dilation=r) for r in rates])
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, inner_channels, 1))
@@ -170,12 +174,12 @@ def build_ga(kind, in_channels, channels, output_stride=8):
         return ASPP(in_channels, channels, rates=tuple(r * 16 // output_stride for r in (6, 12, 18)))
     if kind == "cgnl":
         ga = HalfResolution(CGNL(in_channels), in_channels)
-        if in_channels == channels:
-            return ga                                          # the code's GALD block: no projection
     elif kind == "nl":
         ga = NonLocal(in_channels)
     else:
         raise ValueError(f"unknown GA module {kind!r}")
+    if in_channels == channels:
+        return ga                                              # the code's GALD block: no projection
     # NOTE(paper-gap): project to the block width with 1x1 conv + BN + ReLU (our choice, official_code.md 1.4)
     return nn.Sequential(ga, conv_bn_relu(in_channels, channels, 1))
 
@@ -215,6 +219,8 @@ class LocalDistribution(nn.Module):
         else:
             w = F.adaptive_avg_pool2d(x_g, small)              # (B, C, H/d, W/d)
         if self.follow_code:
+            # the released code's ReLU after the last depth-wise conv; for the parameter-free
+            # downsamplings of Table 1(e) (which the code lacks) we apply it too, so M >= 0.5 in every mode
             w = F.relu(w)
         m = torch.sigmoid(resize(w, (H, W)))                   # Eq. (1): M = sigmoid(up(W_d X_g)), (B, C, H, W)
         residual = 2 * x_g if self.follow_code else x_g
@@ -276,6 +282,8 @@ class GALD(SegModel):
         # NOTE(paper-gap): head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 classifier (code)
         self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3),
                                   nn.Conv2d(channels, num_classes, 1))
+        # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3, plain CE weight 0.4, and
+        # OHEM (0.7, 100k) on the main output (code; Sec. 3.3 names OHEM only)
         self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
         self.aux_weight, self.ohem = aux_weight, ohem
 

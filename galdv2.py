@@ -98,11 +98,14 @@ class DynamicLocalDistribution(nn.Module):
         # A 1x1 conv commutes with sampling, and W 0 = 0 without bias: project first, then sample
         # the projections with zero padding. That is Eqs. (6)-(7) on x at 1/(k*k) of the cost, with
         # no (B, C, k*k, H, W) tensor. The value bias is added after the sum: the weights sum to 1.
+        # NOTE(paper-gap): x is zero-padded and off-image samples take part in the softmax, as the paper
+        # says ("zero padding"), rather than being masked out (official_code.md REC 2)
         p = self.dilation * (self.kernel_size // 2)
         keys = F.pad(self.key(x if self.key_input == "concat" else x_g), (p, p, p, p))  # (B, D, H+2p, W+2p)
         values = F.pad(F.conv2d(x, self.value.weight), (p, p, p, p))      # (B, C, H+2p, W+2p)
         window = lambda t, dy, dx: t[:, :, p + dy:p + dy + H, p + dx:p + dx + W]  # s(n) for all i
         logits = torch.stack([(q * window(keys, dy, dx)).sum(1) for dy, dx in self.offsets()], 1)  # (B, k*k, H, W)
+        # NOTE(paper-gap): no 1/sqrt(d) scaling of the logits: Eq. (8) has none
         affinity = logits.softmax(1)                                       # Eq. (8): delta = softmax over n
         x_gald = self.value.bias.view(1, C, 1, 1)
         for n, (dy, dx) in enumerate(self.offsets()):                      # Eq. (8): sum_n a_n s_g(n)
@@ -166,6 +169,7 @@ class GALDv2(SegModel):
         if self.ld_kind == "v2":
             x_gald, affinity = self.ld(x_g, x_l)                       # Eqs. (6)-(8), (B, C, H, W)
             maps = {"affinity": self.ld.affinity_map(affinity, self.affinity_pixel)}  # (B, 1, H, W), Fig. 9
+            # NOTE(paper-gap): no residual X_g + LDv2 (official_code.md REC 3): Eq. (8) and Fig. 5 (b) have none
             return torch.cat([x_gald, x_l], 1), maps                   # Fig. 5 (b): (B, 2C, H, W)
         if self.ld_kind == "v1":
             x_gald, m = self.ld(x_g)                                   # Eqs. (1)-(2), (B, C, H, W)
@@ -195,6 +199,7 @@ def add_args(parser):
                        help="Global Aggregation module (Table I d); none = LD alone (the '+LDv2' rows)")
     group.add_argument("--ld", default="v2", choices=["v2", "v1", "none"],
                        help="Local Distribution: LDv2 (Sec. III-B), LDv1 (Eqs. 1-2) or none (Table IV rows)")
+    # NOTE(paper-gap): k=5, r=3 as the text says for all datasets, although Table II (b) peaks at k=5, r=6
     group.add_argument("--ld-kernel", type=int, default=5, help="LDv2 local kernel size k, k*k samples (Table II b)")
     group.add_argument("--ld-dilation", type=int, default=3, help="LDv2 sampling dilation rate r (Table II b)")
     group.add_argument("--key-input", default="concat", choices=["concat", "global"],

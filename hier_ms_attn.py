@@ -23,7 +23,8 @@ Map from the code to the paper
 forward(image, scales=None) -> dict
     'out'           (B, K, H, W) logits at the image's size: training mode fuses the training scales
                     (default 0.5 1.0), eval mode returns the single-scale (1.0) prediction.
-    'maps'          {"attn_<scale>": (B, 1, H, W)} (when more than one scale ran): how much each
+    'maps'          {"attn_<scale>": (B, 1, H, W)} (hierarchical or explicit mode, when more than one
+                    scale ran; average mode has none): how much each
                     scale contributes to 'out' at every pixel; they sum to 1 over scales (Fig. 3).
     'scale_logits'  training only: {"<scale>": (B, K, H, W)} each scale's own prediction, supervised
                     with weight 0.05 (code).
@@ -75,6 +76,8 @@ def region_vectors(x, radius):
     return torch.stack(shifted, 2).reshape(B, K, radius * radius, h * w)   # (B, K, D, N)
 
 
+# NOTE(paper-gap): the paper names RMI [42] without settings; radius 3, 4x4 average pooling, alpha 5e-4,
+# lambda 0.5 and the sum over classes are the authors' code (loss/rmi.py, DECISIONS.md).
 def rmi_loss(logits, target, *, radius=3, pool=4, alpha=5e-4):
     """Returns (bce, rmi); the paper's loss is 0.5 * bce + 0.5 * rmi (code: lambda 0.5).
 
@@ -212,6 +215,7 @@ class HierarchicalMultiScaleAttention(SegModel):
             feats.append(c4)
         ref = feats[scales.index(1.0)].shape[-2:]                             # 1.0x feature size (code)
         feats = torch.cat([resize(f, ref) for f in feats], 1)                 # (B, S*C4, h, w)
+        # NOTE(paper-gap): softmax over the S maps as Chen et al. (the code's variant is un-normalised)
         weights = resize(self.attn_head(feats).softmax(1), size)              # (B, S, H, W)
         out = sum(weights[:, i:i + 1] * logits[s] for i, s in enumerate(scales))
         maps = {f"attn_{s}": weights[:, i:i + 1].detach() for i, s in enumerate(scales)}
