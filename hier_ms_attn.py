@@ -233,6 +233,12 @@ class HierarchicalMultiScaleAttention(SegModel):
             return self._explicit(image, scales)
         return self._hierarchical(image, scales)
 
+    def maps(self, image, scales=(1.0,)):
+        """Each scale's attention (Fig. 3) over the evaluation scales, or the training scales when
+        only one scale is evaluated."""
+        scales = tuple(sorted(scales)) if len(scales) > 1 else self.train_scales
+        return self(image, scales=scales).get("maps", {})
+
     def forward(self, image, scales=None):
         """Training: the training scales fused (Sec. 3); eval: `scales` (default 1.0 alone)."""
         if scales is None:

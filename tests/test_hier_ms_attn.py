@@ -115,6 +115,18 @@ def test_attention_maps_are_weights_that_sum_to_one():
     assert stacked.std() > 0                                            # not a constant split
 
 
+def test_saved_maps_are_the_evaluation_scales_attention():
+    model = make_model().eval()
+    with torch.no_grad():
+        maps = model.maps(image(), (1.0, 0.5, 2.0))                     # what --save-maps writes
+        by_forward = model(image(), scales=(0.5, 1.0, 2.0))["maps"]
+        single = model.maps(image(), (1.0,))                            # one scale: the training pair
+    assert sorted(maps) == ["attn_0.5", "attn_1.0", "attn_2.0"]
+    assert all(torch.equal(maps[k], by_forward[k]) for k in maps)
+    assert sorted(single) == ["attn_0.5", "attn_1.0"]
+    assert make_model("average").eval().maps(image(), (0.5, 1.0)) == {}   # no attention head
+
+
 def test_eval_forward_is_single_scale_and_flip_averages_logits():
     model = make_model().eval()
     x = image()

@@ -63,6 +63,24 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path):
     assert again["mIoU"] == trained["mIoU"] and again["aAcc"] == trained["aAcc"]
 
 
+def test_finetune_from_another_class_count_reinitialises_only_the_classifiers(tmp_path, capsys):
+    out = str(tmp_path / "six")
+    six, _ = train.main(TINY + ["--iters", "2", "--out", out])                 # synthetic: 6 classes
+    camvid_tree(tmp_path / "cv")
+    argv = TINY[:]
+    argv[argv.index("synthetic")] = "camvid"                                   # 11 classes
+    argv += ["--data-root", str(tmp_path / "cv"), "--iters", "1", "--lr", "0", "--crop-size", "16",
+             "--checkpoint", os.path.join(out, "last.pt"), "--out", str(tmp_path / "o")]
+    with pytest.raises(common.InputError, match=r"different shapes \['head.2.weight', 'head.2.bias'"):
+        train.main(argv)
+    eleven, _ = train.main(argv + ["--finetune"])
+    assert "head.2.weight" in capsys.readouterr().out
+    for (name, a), b in zip(six.state_dict().items(), eleven.state_dict().values()):
+        if "num_batches_tracked" in name or "running" in name:
+            continue                                                           # BN statistics move in training
+        assert torch.equal(a, b) == (a.shape == b.shape), name                 # lr 0: copied or fresh
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
