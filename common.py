@@ -1,7 +1,8 @@
 """Shared parts of segpapers: everything the five method files stand on.
 
 Reads top to bottom: conventions -> layers -> dilated ResNet and weight loading -> losses ->
-metrics -> schedule -> the model interface and inference -> the FCN baseline -> data.
+metrics -> schedule -> the model interface and inference -> the FCN baseline -> costs (parameters,
+FLOPs, peak memory, time, torch.compile) -> data.
 
 Conventions (one home each): IGNORE_INDEX, the ImageNet mean/std, `resize` (the one interpolation
 policy: bilinear, align_corners=False), `poly_lr`.
@@ -17,12 +18,17 @@ The method interface (README "Interface"): a method file has `add_args(parser)` 
 import argparse
 import math
 import os
+import statistics
+import time
+import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -335,6 +341,10 @@ class SegModel(nn.Module):
     def loss(self, outputs, target):
         raise NotImplementedError
 
+    def maps(self, image, scales=(1.0,)):
+        """The heat maps of `image` for --save-maps: name -> (B, M, h, w) in [0, 1]."""
+        return self(image).get("maps", {})
+
     def predict(self, image, scales=(1.0,), flip=False):
         """(B, K, H, W) logits at the image's size. One view returns its logits; several views
         (scales x flips) average their softmax probabilities and return their log."""
@@ -417,6 +427,143 @@ def add_fcn_args(parser):
 def build_fcn(args):
     return FCN(build_backbone(args), args.num_classes, head_channels=args.head_channels,
                aux_weight=args.aux_weight, ohem=args.ohem)
+
+
+# ----------------------------------------------------------------------------------------------
+# Costs: parameters, FLOPs, peak memory, time, torch.compile (train.py --benchmark, --compare-methods)
+
+
+def parameter_counts(model):
+    """{'total', 'backbone', 'head'}: the model's parameters, model.backbone's, and the rest's."""
+    total = sum(p.numel() for p in model.parameters())
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    return {"total": total, "backbone": backbone, "head": total - backbone}
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn(), as torch.utils.flop_counter counts them: convolutions and matrix
+    products (attention included), 2 per multiply-add; elementwise ops, pooling and resizing are free."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and not yet freed: the CPU stand-in
+    for torch.cuda.max_memory_allocated (the CPU allocator keeps no statistics). An output that
+    shares an input's storage (a view, an in-place op) is no new memory; a storage counts until it
+    is freed (a weakref on it), whoever holds it (autograd's saved tensors included). Buffers that
+    kernels allocate internally, outside torch's dispatcher, are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = set(), 0, 0
+
+    def _freed(self, key, nbytes):
+        self.live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
+        for t in tensors_in(out):
+            key = storage_key(t)
+            if key is None or key in inputs or key in self.live:
+                continue
+            storage = t.untyped_storage()
+            self.live.add(key)
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def tensors_in(x):
+    """The tensors of a nest of lists, tuples and dicts (an op's arguments or outputs)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in tensors_in(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in tensors_in(v)]
+    return []
+
+
+def storage_key(t):
+    """The address of a tensor's storage, or None (not a tensor, no storage, or an empty one)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return storage.data_ptr() if storage.nbytes() > 0 else None
+
+
+def peak_memory(fn, device, held=()):
+    """Peak bytes of live tensors during fn(), the tensors alive before included: on CUDA the
+    allocator's peak (reset first); on CPU the bytes of `held` (what is alive before: weights,
+    inputs) plus the peak of the tensors fn() creates (LiveTensorBytes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    storages = {storage_key(t): t.untyped_storage().nbytes() for t in held if storage_key(t) is not None}
+    with LiveTensorBytes() as live:
+        fn()
+    return sum(storages.values()) + live.peak
+
+
+def median_seconds(fn, iters, warmup, device):
+    """Median wall time of fn() over `iters` calls, after `warmup` untimed ones (CUDA synchronised)."""
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def compile_forward(model, log=print):
+    """--compile: model.forward becomes torch.compile(model.forward), in place, so that every call
+    (train step, predict, sliding windows) runs compiled while the state_dict and model.loss stay
+    as they are (the loss is never compiled). torch compiles at the first call; if that fails (no
+    C++ compiler, an unsupported op or Python), the model says why and runs eagerly from then on (at
+    worst the BN statistics of the layers already run see that batch twice). Input errors pass through."""
+    eager = model.forward
+    fallback = lambda e: log(f"--compile: torch.compile failed ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:300]}); running eagerly instead")
+    try:
+        compiled = torch.compile(eager)
+    except Exception as e:                                     # e.g. a Python version dynamo does not support
+        fallback(e)
+        return model
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except InputError:
+            raise
+        except Exception as e:
+            fallback(e)
+            del model.forward                                  # back to the class's own forward
+            return eager(*args, **kwargs)
+
+    model.forward = forward
+    return model
+
+
+def is_compiled(model):
+    """True while compile_forward's compiled forward is in place (False after a fallback)."""
+    return "forward" in vars(model)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,10 +3,14 @@
     python train.py --method fcn --dataset synthetic --backbone resnet18 --iters 300      # CPU or 1 GPU
     torchrun --standalone --nproc_per_node=8 train.py --method galdv1 --dataset cityscapes ...  # DDP
     python train.py --method galdv1 --help                                              # its flags
+    python train.py --method galdv2 --backbone resnet50 --crop-size 512 --benchmark --batch-size 1  # costs
+    python train.py --compare-methods fcn,galdv1,galdv2 --dataset synthetic --backbone resnet18 --iters 300
 
 Under torchrun (RANK is set) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
 (SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
 summary.json (last evaluation), last.pt and best.pt (written atomically; --resume continues last.pt).
+--benchmark needs no dataset: random input of --crop-size. --compare-methods trains each method in
+turn in this one process (DDP too) and writes OUT/comparison.md beside the run folders OUT/METHOD.
 """
 import argparse
 import json
@@ -75,6 +79,8 @@ def add_common_args(parser):
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up iterations")
     g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (not the loss); eager, with a message, if it fails")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("evaluation and checkpoints")
@@ -97,24 +103,48 @@ def add_common_args(parser):
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and stop")
     g.add_argument("--checkpoint", help="model weights to evaluate (--eval-only) or to start from")
+    g.add_argument("--finetune", action="store_true",
+                   help="start from --checkpoint with another class count: mismatched layers start fresh")
     g.add_argument("--save-every", type=int, default=1000, help="iterations between last.pt writes")
     g.add_argument("--log-every", type=int, default=20)
+    g = parser.add_argument_group("costs and comparison")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--benchmark", action="store_true",
+                      help="print the costs of --method at --crop-size on random input (no dataset): parameters, "
+                           "GFLOPs, median forward and forward+backward time, peak memory")
+    mode.add_argument("--compare-methods", metavar="M1,M2,...",
+                      help="train and evaluate each method with the same flags (its own flags at their defaults) "
+                           "and write OUT/comparison.md")
+    g.add_argument("--benchmark-iters", type=int, default=5, help="timed calls (the median is reported)")
+    g.add_argument("--benchmark-warmup", type=int, default=2, help="untimed calls before them")
+    g.add_argument("--num-classes", type=int, default=19,
+                   help="classes of the benchmark's random target (training takes them from the dataset)")
 
 
-def parse_args(argv=None):
-    """Two passes: --method first, then the common flags plus that method's own group."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="fcn", choices=list(METHODS))
-    method = pre.parse_known_args(argv)[0].method
+def build_parser(method=None):
+    """The common flags, and the method's own group when one is given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="fcn", choices=list(METHODS), help="the paper to run")
     add_common_args(parser)
-    METHODS[method][0](parser)
+    if method:
+        METHODS[method][0](parser)
+    return parser
+
+
+def parse_args(argv=None):
+    """Two passes: --method first, then the common flags plus that method's own group (no method's
+    group with --compare-methods: every compared method keeps its own defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="fcn", choices=list(METHODS))
+    pre.add_argument("--compare-methods")
+    known = pre.parse_known_args(argv)[0]
+    parser = build_parser(None if known.compare_methods else known.method)
     args = parser.parse_args(argv)
     if len(args.crop_size) > 2:
         parser.error("--crop-size takes one or two numbers")
     args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
-    args.out = args.out or os.path.join("runs", f"{args.method}_{args.dataset}")
+    name = "compare" if args.compare_methods else args.method
+    args.out = args.out or os.path.join("runs", f"{name}_{args.dataset}")
     return args
 
 
@@ -154,6 +184,21 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_weights(model, path, finetune=False):
+    """Load --checkpoint into model. A missing or unexpected key is an error; a key whose shape
+    differs (a classifier when the class count changes) is an error unless finetune, which keeps
+    those layers freshly initialised and lists them."""
+    state, own = model_weights(path), model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or (reshaped and not finetune):
+        raise common.InputError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}, "
+                                f"different shapes {reshaped}" + (" (--finetune keeps those new)" if reshaped else ""))
+    if reshaped:
+        print(f"--finetune: kept freshly initialised (shapes differ): {reshaped}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=not reshaped)
+
+
 def model_weights(path):
     state = load_checkpoint(path)
     return state["model"] if "model" in state else state
@@ -168,6 +213,7 @@ def evaluate(model, dataset, args, rank, world, device):
     """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
     the confusion matrices (and boundary counts) are summed over ranks."""
     model.eval()
+    tic = time.time()
     K, indices = dataset.num_classes, range(rank, len(dataset), world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=args.workers)
@@ -193,6 +239,7 @@ def evaluate(model, dataset, args, rank, world, device):
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
     if args.boundary_f:
         metrics["boundary_f"] = common.boundary_f_scores(bf.cpu(), BOUNDARY_TOLERANCES, dataset.class_names)
+    metrics["eval_img_per_s"] = round(len(dataset) / (time.time() - tic), 3)
     return metrics
 
 
@@ -205,7 +252,7 @@ def save_maps(model, image, pred, index, dataset, args, device):
     os.makedirs(folder, exist_ok=True)
     common.colorize(pred.cpu(), dataset.palette).save(os.path.join(folder, f"{index:04d}_pred.png"))
     with autocast(args, device):
-        maps = model(image).get("maps", {})
+        maps = model.maps(image, tuple(args.eval_scales))
     for name, value in maps.items():
         value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
         for m, channel in enumerate(value.clamp(0, 1).cpu()):
@@ -352,7 +399,9 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
             speed = (it + 1 - start_iter) / (time.time() - tic)
             log(rank, args, {"iter": it + 1, "lr": lr, **losses}, progress_line(it, args, losses, lr, speed))
         if (it + 1) % eval_every == 0 or it + 1 == args.iters:
+            eval_start = time.time()
             metrics = evaluate(raw_model, val_set, args, rank, world, device)
+            metrics["train_it_per_s"] = round((it + 1 - start_iter) / (eval_start - tic), 3)
             log(rank, args, {"iter": it + 1, **metrics}, f"eval at {it + 1}: mIoU {metrics['mIoU']:.2f} "
                 f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
             if rank == 0:
@@ -360,6 +409,7 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
                 if metrics["mIoU"] > best:
                     best = metrics["mIoU"]
                     save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, optimizer, scaler, it + 1, best, args)
+            tic += time.time() - eval_start                    # evaluation is not training time
         if rank == 0 and ((it + 1) % args.save_every == 0 or it + 1 == args.iters):
             save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, optimizer, scaler, it + 1, best, args)
     return metrics
@@ -370,9 +420,8 @@ def write_summary(args, metrics, iteration):
         json.dump({"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}, f, indent=1)
 
 
-def main(argv=None):
-    """Train (or evaluate) as the flags say; returns (model, last metrics)."""
-    args = parse_args(argv)
+def run(args):
+    """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics)."""
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     if args.predict:
@@ -385,8 +434,10 @@ def main(argv=None):
     raw_model = METHODS[args.method][1](args).to(device)
     if args.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
+    if args.compile:
+        common.compile_forward(raw_model, log=print if rank == 0 else lambda line: None)
     if args.checkpoint:
-        raw_model.load_state_dict(model_weights(args.checkpoint))
+        load_weights(raw_model, args.checkpoint, args.finetune)
     if args.predict:
         if args.label_ids and args.dataset != "cityscapes":
             raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
@@ -425,6 +476,169 @@ def main(argv=None):
         print(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {world} process(es), {device}")
     metrics = train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device)
     return raw_model, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Costs (--benchmark) and the side-by-side comparison (--compare-methods)
+
+
+def random_batch(args, device, batch_size):
+    """A random image batch of --crop-size and a random target of --num-classes: no dataset needed."""
+    H, W = args.crop_size
+    x = torch.randn(batch_size, 3, H, W, device=device)
+    y = torch.randint(args.num_classes, (batch_size, H, W), device=device)
+    return (x.contiguous(memory_format=torch.channels_last) if args.channels_last else x), y
+
+
+def inference(model, x, args, device):
+    """The evaluation forward as the eval flags say (--eval-mode, --eval-scales, --flip), as a call."""
+    def call():
+        model.eval()
+        with autocast(args, device):
+            return common.infer(model, x, x.shape[-2:], args.eval_mode, args.eval_crop, args.eval_stride,
+                                tuple(args.eval_scales), args.flip)
+    return call
+
+
+def training_step(model, x, y, args, device):
+    """A training step without the optimiser: forward in training mode, the loss, backward."""
+    def call():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast(args, device):
+            outputs = model(x)
+        model.loss(outputs, y)["total"].backward()
+    return call
+
+
+def benchmark(args):
+    """Parameters, forward GFLOPs (eval flags applied) and training-step GFLOPs, median times and
+    peak memory of --method on a random --batch-size x 3 x --crop-size input. FLOPs and memory are
+    measured eagerly; the times with --compile when it is given. A model that cannot train on this
+    batch (BatchNorm after a global pooling at batch 1) gets the forward figures only."""
+    rank, _, device = setup_distributed(args.device)
+    say = print if rank == 0 else lambda line: None
+    torch.manual_seed(args.seed)
+    model = METHODS[args.method][1](args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = random_batch(args, device, args.batch_size)
+    phases = {"forward": inference(model, x, args, device), "train_step": training_step(model, x, y, args, device)}
+    r = {"method": args.method, "backbone": args.backbone, "input": [args.batch_size, 3, *args.crop_size],
+         "eval": f"{args.eval_mode}, scales {' '.join(map(str, args.eval_scales))}" + ", flip" * args.flip,
+         "amp": args.amp, "channels_last": args.channels_last, "device": str(device),
+         **{f"params_{k}": v for k, v in common.parameter_counts(model).items()}}
+    for name in list(phases):
+        try:
+            r[f"gflops_{name}"] = common.count_flops(phases[name]) / 1e9
+        except ValueError as e:                               # "Expected more than 1 value per channel"
+            say(f"benchmark: the {name.replace('_', ' ')} fails at --batch-size {args.batch_size} ({e}): "
+                f"its figures are left empty")
+            r[f"gflops_{name}"], r[f"{name}_peak_mib"], r[f"{name}_ms"] = None, None, None
+            del phases[name]
+    held = [*model.parameters(), *model.buffers(), x, y]
+    for name, fn in phases.items():
+        model.zero_grad(set_to_none=True)
+        r[f"{name}_peak_mib"] = common.peak_memory(fn, device, held) / 2 ** 20
+    if args.compile:
+        common.compile_forward(model, log=say)
+    for name, fn in phases.items():
+        r[f"{name}_ms"] = 1000 * common.median_seconds(fn, args.benchmark_iters, args.benchmark_warmup, device)
+    r["compiled"] = common.is_compiled(model)
+    r["memory"] = "CUDA allocator peak" if device.type == "cuda" else "live CPU tensors (eager)"
+    say(benchmark_table(r))
+    say(json.dumps(r))
+    return model, r
+
+
+def benchmark_table(r):
+    """The benchmark's figures as a Markdown table (n/a where a phase could not run)."""
+    M = lambda n: f"{n / 1e6:.2f}M"
+    f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
+    rows = [("input", "x".join(map(str, r["input"])) + f" on {r['device']}, amp {r['amp']}, channels_last "
+             f"{r['channels_last']}, compiled {r['compiled']}"),
+            ("parameters: total = backbone + head", f"{M(r['params_total'])} = {M(r['params_backbone'])} + "
+             f"{M(r['params_head'])}"),
+            (f"forward GFLOPs (eval: {r['eval']})", f(r["gflops_forward"], "{:.2f}")),
+            ("training step GFLOPs (forward + backward)", f(r["gflops_train_step"], "{:.2f}")),
+            ("forward time (median)", f(r["forward_ms"], "{:.1f} ms")),
+            ("training step time (median, no optimiser step)", f(r["train_step_ms"], "{:.1f} ms")),
+            (f"peak memory: forward / training step ({r['memory']})",
+             f"{f(r['forward_peak_mib'], '{:.0f}')} / {f(r['train_step_peak_mib'], '{:.0f}')} MiB")]
+    return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def method_args(args, method):
+    """One --compare-methods run: the common flags as given, the method's own at their defaults,
+    the boundary F-score on, OUT/METHOD as its run folder."""
+    defaults = vars(build_parser(method).parse_args([]))
+    return argparse.Namespace(**{**defaults, **vars(args), "method": method, "compare_methods": None,
+                                 "boundary_f": True, "out": os.path.join(args.out, method)})
+
+
+COMPARISON_COLUMNS = ("method", "mIoU", "aAcc", "BF 3px", "params (M)", "GFLOPs", "train it/s", "eval img/s")
+COMPARISON_FORMATS = ("{}",) + ("{:.2f}",) * 7
+
+
+def comparison_row(model, metrics, args):
+    """One line of comparison.md; GFLOPs of one --crop-size image with the eval flags."""
+    device = next(model.parameters()).device
+    x, _ = random_batch(args, device, 1)
+    gflops = common.count_flops(inference(model, x, args, device)) / 1e9
+    values = (metrics["mIoU"], metrics["aAcc"], metrics["boundary_f"]["3px"]["mBF"],
+              common.parameter_counts(model)["total"] / 1e6, gflops, metrics["train_it_per_s"],
+              metrics["eval_img_per_s"])
+    return dict(zip(COMPARISON_COLUMNS, (args.method, *values)))
+
+
+def compare_methods(args):
+    """Train and evaluate each method of --compare-methods with the same data, backbone, seed and
+    iterations; rank 0 writes OUT/comparison.md. Returns the rows."""
+    methods = [m.strip() for m in args.compare_methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise common.InputError(f"--compare-methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    rank, world, _ = setup_distributed(args.device)
+    rows = []
+    for i, method in enumerate(methods):
+        if rank == 0:
+            print(f"== compare {i + 1}/{len(methods)}: {method} ==", flush=True)
+        margs = method_args(args, method)
+        model, metrics = run(margs)
+        rows.append(comparison_row(model, metrics, margs))
+    if rank == 0:
+        write_comparison(os.path.join(args.out, "comparison.md"), rows, args, world)
+    return rows
+
+
+def write_comparison(path, rows, args, world):
+    """OUT/comparison.md: the settings in one paragraph, then one table row per method."""
+    (H, W), scales = args.crop_size, " ".join(map(str, args.eval_scales))
+    settings = (f"{args.dataset}, {args.backbone}, crop {H}x{W}, {args.iters} iterations of batch {args.batch_size} "
+                f"x {world} process(es), seed {args.seed}; evaluation {args.eval_mode}, scales {scales}"
+                f"{', flip' if args.flip else ''}. Each method's own flags at their defaults. BF 3px: boundary "
+                f"F-score within 3 pixels. GFLOPs: one {H}x{W} image through the evaluation forward. "
+                f"Speeds include data loading. Run folders: {args.out}/METHOD.")
+    lines = ["# Method comparison", "", settings, "",
+             "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    for row in rows:
+        cells = (fmt.format(row[c]) for c, fmt in zip(COMPARISON_COLUMNS, COMPARISON_FORMATS))
+        lines.append("| " + " | ".join(cells) + " |")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    """Run as the flags say. Training or evaluation returns (model, last metrics); --benchmark
+    returns (model, its figures); --compare-methods returns (None, one row per method)."""
+    args = parse_args(argv)
+    if args.compare_methods:
+        return None, compare_methods(args)
+    if args.benchmark:
+        return benchmark(args)
+    return run(args)
 
 
 def error_message(e):

@@ -1,0 +1,153 @@
+"""Costs and comparison: --benchmark's figures, the CPU memory peak, --compile's fallback, and
+--compare-methods' table (tiny CPU runs; speed itself is never asserted, only that it was taken)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import train
+
+BENCH = ["--benchmark", "--method", "fcn", "--backbone", "resnet18", "--head-channels", "16", "--batch-size", "1",
+         "--benchmark-iters", "1", "--benchmark-warmup", "1", "--device", "cpu"]
+FIELDS = {"method", "backbone", "input", "eval", "amp", "channels_last", "device", "params_total", "params_backbone",
+          "params_head", "gflops_forward", "gflops_train_step", "forward_peak_mib", "train_step_peak_mib",
+          "forward_ms", "train_step_ms", "compiled", "memory"}
+RESNET18_TRUNK = 11_176_512                                  # torchvision resnet18 without its fc layer
+
+
+def test_benchmark_fields_counts_and_sane_values(capsys):
+    model, r = train.main(BENCH + ["--crop-size", "48"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == r and any(line.startswith("| parameters") for line in printed)
+    assert set(r) == FIELDS and r["input"] == [1, 3, 48, 48] and not r["compiled"]
+    head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+    assert r["params_backbone"] == RESNET18_TRUNK
+    assert r["params_head"] == head > 0
+    assert r["params_total"] == sum(p.numel() for p in model.parameters()) == r["params_backbone"] + r["params_head"]
+    assert r["gflops_forward"] > 0 and r["gflops_train_step"] > 2 * r["gflops_forward"]   # backward ~ 2x forward
+    assert r["forward_ms"] > 0 and r["train_step_ms"] > 0
+    weights_mib = 4 * r["params_total"] / 2 ** 20
+    assert weights_mib < r["forward_peak_mib"] < r["train_step_peak_mib"]                   # + activations, grads
+
+
+def test_benchmark_flops_grow_with_the_input_and_follow_the_eval_flags():
+    _, small = train.main(BENCH + ["--crop-size", "48"])
+    _, large = train.main(BENCH + ["--crop-size", "64"])
+    _, flip = train.main(BENCH + ["--crop-size", "48", "--flip"])
+    # every feature map of the FCN scales with the pixel count: 64x64 / 48x48 = 1.78x
+    assert large["gflops_forward"] / small["gflops_forward"] == pytest.approx((64 / 48) ** 2, rel=0.01)
+    assert flip["gflops_forward"] == pytest.approx(2 * small["gflops_forward"])           # two views
+    assert flip["gflops_train_step"] == pytest.approx(small["gflops_train_step"])          # training has no flip
+
+
+def test_benchmark_at_batch_one_keeps_the_forward_when_training_cannot_run(capsys):
+    # ASPP's image-pooling branch has BatchNorm on a 1x1 map: no training step at batch 1
+    _, r = train.main(["--benchmark", "--method", "galdv1", "--ga", "aspp", "--no-ld", "--backbone", "resnet18",
+                       "--crop-size", "32", "--batch-size", "1", "--benchmark-iters", "1", "--benchmark-warmup", "1",
+                       "--device", "cpu"])
+    assert "train step fails at --batch-size 1" in capsys.readouterr().out
+    assert r["gflops_forward"] > 0 and r["forward_ms"] > 0 and r["forward_peak_mib"] > 0
+    assert r["gflops_train_step"] is None and r["train_step_ms"] is None and r["train_step_peak_mib"] is None
+
+
+def test_live_tensor_bytes_counts_new_storages_until_freed():
+    held = torch.ones(10, 10)
+
+    def fn():
+        a = torch.ones(500, 500)                              # 1 MB
+        b = a @ a                                             # 2 MB live
+        c = b + 1                                             # 3 MB: the peak
+        del a, b                                              # 1 MB
+        c.add_(1)                                             # in place: no new memory
+        d = c.t() * 2                                         # a view, then 2 MB
+        return d.sum()
+
+    with common.LiveTensorBytes() as live:
+        fn()
+    assert live.peak == 3 * 500 * 500 * 4 and live.current == 0
+    assert common.peak_memory(fn, torch.device("cpu"), held=[held, held[0]]) == 400 + 3 * 500 * 500 * 4
+
+
+def tiny_fcn():
+    torch.manual_seed(0)
+    return common.FCN(common.ResNet(18, output_stride=8), 3, head_channels=8).eval()
+
+
+def test_compile_falls_back_to_eager_with_a_message(monkeypatch):
+    model, x = tiny_fcn(), torch.randn(1, 3, 32, 32)
+    expected = model(x)["out"]
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("no working C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    lines = []
+    common.compile_forward(model, log=lines.append)
+    assert common.is_compiled(model)
+    assert torch.equal(model(x)["out"], expected) and torch.equal(model(x)["out"], expected)
+    assert len(lines) == 1 and "torch.compile failed" in lines[0] and "no working C++ compiler" in lines[0]
+    assert not common.is_compiled(model)
+
+    def unsupported(fn):                                      # torch.compile itself refuses (old torch, new Python)
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    common.compile_forward(model, log=lines.append)
+    assert len(lines) == 2 and "not supported" in lines[1] and not common.is_compiled(model)
+    assert torch.equal(model(x)["out"], expected)
+
+
+def test_compiled_forward_serves_predict_and_lets_input_errors_through(monkeypatch):
+    model, x = tiny_fcn(), torch.randn(1, 3, 32, 32)
+    keys, calls = list(model.state_dict()), []
+
+    def counting(fn):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if args[0].shape[-1] == 17:
+                raise common.InputError("bad input")
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting)
+    common.compile_forward(model, log=pytest.fail)
+    model.predict(x, scales=(1.0,), flip=True)                # two views through the compiled forward
+    assert len(calls) == 2 and list(model.state_dict()) == keys
+    with pytest.raises(common.InputError):
+        model(torch.randn(1, 3, 32, 17))
+    assert common.is_compiled(model)
+
+
+COMPARE = ["--dataset", "synthetic", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+           "--synthetic-size", "40", "--synthetic-length", "8", "--synthetic-val-length", "2", "--workers", "0",
+           "--device", "cpu", "--iters", "2", "--log-every", "1"]
+
+
+def test_compare_methods_writes_a_well_formed_table(tmp_path):
+    out = str(tmp_path / "cmp")
+    train.main(["--compare-methods", "fcn,galdv1"] + COMPARE + ["--out", out])
+    with open(os.path.join(out, "comparison.md")) as f:
+        table = [line for line in f.read().splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["method", "mIoU", "aAcc", "BF 3px", "params (M)", "GFLOPs", "train it/s", "eval img/s"]
+    assert set(cells[1]) == {"---"} and len(cells[1]) == 8
+    assert [row[0] for row in cells[2:]] == ["fcn", "galdv1"]
+    for row in cells[2:]:
+        values = [float(c) for c in row[1:]]
+        assert all(math.isfinite(v) for v in values) and min(values[3:]) > 0
+        summary = json.load(open(os.path.join(out, row[0], "summary.json")))
+        assert summary["method"] == row[0] and float(row[1]) == pytest.approx(summary["mIoU"], abs=0.005)
+        assert float(row[3]) == pytest.approx(summary["boundary_f"]["3px"]["mBF"], abs=0.005)   # forced on
+    assert float(cells[3][4]) > float(cells[2][4])            # GALD adds its GA and LD modules to the FCN
+
+
+def test_compare_methods_rejects_method_flags_and_unknown_methods(tmp_path):
+    with pytest.raises(SystemExit):                           # --head-channels belongs to fcn, not to the comparison
+        train.main(["--compare-methods", "fcn", "--head-channels", "8"] + COMPARE)
+    with pytest.raises(common.InputError, match="nope"):
+        train.main(["--compare-methods", "fcn,nope"] + COMPARE + ["--out", str(tmp_path)])
