@@ -190,13 +190,14 @@ class HierarchicalMultiScaleAttention(SegModel):
             if s != scales[-1]:
                 # NOTE(paper-gap): attention only where used, not on the top scale (code runs it unused)
                 attention[s] = resize(self.attn_head(c4).sigmoid(), in_size)  # (B, 1, h, w)
+        up = {s: resize(a, size) for s, a in attention.items()}                # U(a_s): (B, 1, H, W)
         out = resize(logits[scales[-1]], size)                                # (B, K, H, W)
         for s in reversed(scales[:-1]):
             # NOTE(paper-gap): L_s * a_s at the scale's input size, then U to the image's size (code)
-            out = resize(logits[s] * attention[s], size) + (1 - resize(attention[s], size)) * out  # Eq. (1)
+            out = resize(logits[s] * attention[s], size) + (1 - up[s]) * out  # Eq. (1)
         maps, remaining = {}, 1.0
         for s in scales[:-1]:                                                 # Fig. 3: weights sum to 1
-            a = resize(attention[s], size).detach()                           # (B, 1, H, W)
+            a = up[s].detach()                                                # (B, 1, H, W)
             maps[f"attn_{s}"], remaining = remaining * a, remaining * (1 - a)
         maps[f"attn_{scales[-1]}"] = remaining                               # what no lower scale took
         return {"out": out, "maps": maps}, {s: resize(v, size) for s, v in logits.items()}
