@@ -262,8 +262,29 @@ class GALDBlock(nn.Module):
 # The network (Sec. 3.3, Fig. 2)
 
 
+class GALDHead(nn.Module):
+    """Sec. 3.3, Eq. (3): a 3x3 conv of the block's output X_gald, concat with X (layer4), a 3x3
+    conv and the 1x1 classifier; in training also the aux head on layer3. galdv2.py reuses it."""
+
+    def __init__(self, block_channels, c3, c4, num_classes, channels=512):
+        super().__init__()
+        # NOTE(paper-gap): a 3x3 conv after the block; head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 (code)
+        self.convb = conv_bn_relu(block_channels, channels, 3)
+        self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3), nn.Conv2d(channels, num_classes, 1))
+        # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3, plain CE weight 0.4, and
+        # OHEM (0.7, 100k) on the main output (code; Sec. 3.3 names OHEM only)
+        self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
+
+    def forward(self, x_gald, c3, c4, size):
+        x_o = torch.cat([self.convb(x_gald), c4], 1)           # Eq. (3): concat(X_gald, X), (B, C + C4, h, w)
+        out = {"out": resize(self.head(x_o), size)}            # (B, K, H, W)
+        if self.training:
+            out["aux"] = resize(self.aux_head(c3), size)       # (B, K, H, W)
+        return out
+
+
 class GALD(SegModel):
-    """Dilated ResNet -> 3x3 conv -> GALD block -> 3x3 conv -> head on concat(X_gald, X) (Eq. 3).
+    """Dilated ResNet -> 3x3 conv -> GALD block -> GALDHead (Eq. 3).
 
     Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux'.
     """
@@ -274,28 +295,19 @@ class GALD(SegModel):
         super().__init__()
         self.backbone = backbone
         c3, c4 = backbone.channels[2:]
-        # NOTE(paper-gap): 3x3 conv to 512 before the block and 3x3 conv after it (code)
+        # NOTE(paper-gap): 3x3 conv to 512 before the block (code)
         self.conva = conv_bn_relu(c4, channels, 3)
         self.block = GALDBlock(channels, ga=ga, ld=ld, arrangement=arrangement, ld_downsample=ld_downsample,
                                follow_code=follow_code, output_stride=output_stride)
-        self.convb = conv_bn_relu(self.block.out_channels, channels, 3)
-        # NOTE(paper-gap): head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 classifier (code)
-        self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3),
-                                  nn.Conv2d(channels, num_classes, 1))
-        # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3, plain CE weight 0.4, and
-        # OHEM (0.7, 100k) on the main output (code; Sec. 3.3 names OHEM only)
-        self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
+        self.decoder = GALDHead(self.block.out_channels, c3, c4, num_classes, channels)
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def forward(self, image):
         c1, c2, c3, c4 = self.backbone(image)                  # c4: (B, 2048, H/8, W/8) = X
         x_gald, m = self.block(self.conva(c4))                 # (B, C, H/8, W/8), M: (B, C, H/8, W/8)
-        x_o = torch.cat([self.convb(x_gald), c4], 1)           # Eq. (3): concat(X_gald, X), (B, C + 2048, H/8, W/8)
-        out = {"out": resize(self.head(x_o), image.shape[-2:])}  # (B, K, H, W)
+        out = self.decoder(x_gald, c3, c4, image.shape[-2:])
         if m is not None:
             out["maps"] = {"ld_mask": m.detach().mean(1, keepdim=True)}  # (B, 1, H/8, W/8), Fig. 4
-        if self.training:
-            out["aux"] = resize(self.aux_head(c3), image.shape[-2:])  # (B, K, H, W)
         return out
 
     def loss(self, outputs, target):

@@ -17,6 +17,7 @@ Map from the paper to this file:
     Sec. III-A, Eqs. (1)-(2) LDv1 (Table IV "LDv1" row)           galdv1.LocalDistribution
     Sec. III-B, Eqs. (6)-(8) LDv2                                 DynamicLocalDistribution
     Sec. III-B, Fig. 5 (b)   concat(X_gald, X_l) -> head          GALDv2.forward
+    BMVC Eq. (3)             the v1 head and the aux head         galdv1.GALDHead
     Sec. IV-B                aux head on layer3, OHEM main loss   GALDv2.loss
     Fig. 9                   affinity of one pixel laid out       DynamicLocalDistribution.affinity_map
 
@@ -53,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
-from galdv1 import LocalDistribution, build_ga
+from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss
+from galdv1 import GALDHead, LocalDistribution, build_ga
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,11 +158,9 @@ class GALDv2(SegModel):
             self.ld = LocalDistribution(channels)
         elif ld != "none":
             raise InputError(f"--ld must be v2, v1 or none, got {ld!r}")
-        # NOTE(paper-gap): the GALD v1 head: 3x3 conv to 512, concat with layer4 (Eq. 3), 3x3 conv,
-        # 1x1 classifier (GALD code); it reads 2 x 512 channels after LDv2's concat(X_gald, X_l).
-        self.convb = conv_bn_relu(2 * channels if ld == "v2" else channels, channels, 3)
-        self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3), nn.Conv2d(channels, num_classes, 1))
-        self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
+        # NOTE(paper-gap): the GALD v1 head (Eq. 3, GALD code); it reads 2 x 512 channels after LDv2's
+        # concat(X_gald, X_l).
+        self.decoder = GALDHead(2 * channels if ld == "v2" else channels, c3, c4, num_classes, channels)
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def distribute(self, x_g, x_l):
@@ -181,12 +180,9 @@ class GALDv2(SegModel):
         x_l = self.local(c4)                                           # (B, C, H/8, W/8)
         x_g = self.ga(x_l)                                             # (B, C, H/8, W/8)
         x_ld, maps = self.distribute(x_g, x_l)
-        x_o = torch.cat([self.convb(x_ld), c4], 1)                     # Eq. (3): (B, C + 2048, H/8, W/8)
-        out = {"out": resize(self.head(x_o), image.shape[-2:])}        # (B, K, H, W)
+        out = self.decoder(x_ld, c3, c4, image.shape[-2:])             # Eq. (3) and the heads
         if maps:
             out["maps"] = maps
-        if self.training:
-            out["aux"] = resize(self.aux_head(c3), image.shape[-2:])   # (B, K, H, W)
         return out
 
     def loss(self, outputs, target):
