@@ -17,12 +17,13 @@ Map from the code to the paper:
     local_retention      Sec. III-E: A'' from the local windows of A' and S_l
     DenoisedNLBlock      Sec. III-C to III-E, Eqs. (3)-(4): Q, K, V, A, A', A'', F'
     DenoisedNLNet        Sec. III-B (head on concat(X, F', global context)), Sec. III-F (dilated
-                         ResNet at 1/8, deep supervision on res2/res3, Eq. (5))
+                         ResNet at 1/8, deep supervision on res2/res3, Eq. (5)); `block` swaps the
+                         Denoised NL for Table III's PPM / ASPP (galdv1.py's modules) or for nothing
 
 DenoisedNLNet.forward(image) -> dict
     'out'                      (B, K, H, W) logits
     'aux_layer2', 'aux_layer3' (B, K, H, W) deep-supervision logits (training only)
-    'maps'                     eval with the block on: {'map1_A', 'map2_A_gr', 'map3_A_lr'}, each
+    'maps'                     eval with block='denoised': {'map1_A', 'map2_A_gr', 'map3_A_lr'}, each
                                (B, 1, h, w) on the 1/16 key grid: row i of A, A', A'' for the query
                                pixel `map_pixel` (Fig. 11, maps #1-#3), divided by its maximum
                                (A' = A with GR off, A'' = A' with LR off).
@@ -39,8 +40,17 @@ possible positions" (Eq. 2) and the code normalises over the keys j, as we do (D
 Paper gaps (marked NOTE(paper-gap) below): Q, K width 64 and no conv biases (code); P = softmax of
 the 1x1 conv's logits and that conv has a bias; the Reduction's shortcut (code); window k = 3 (code);
 the global context is GAP -> 1x1 conv to 512 channels (paper says GAP + 1x1 conv, not the width);
-head width 512 (code); "Baseline" (Tables II-V, --no-attention) keeps the Reduction and the head
-and drops only the block (the paper says only "without any attention strategy").
+head width 512 (code); the Reduction's 3x3 conv and its width C = 512 (code; the paper says "a
+convolution layer"); "res2/res3" of Sec. III-F are the outputs of layer2/layer3 (code; in ResNet's
+own naming res2 would be layer1); "Baseline" (Tables II-V, --block none) keeps the Reduction and the
+head and drops only the block (the paper says only "without any attention strategy"); Table III's
+"+PPM" / "+ASPP" put galdv1.py's PSP (bins 1, 2, 3, 6) / ASPP (rates 6, 12, 18 at stride 16) where
+the block was, F' = PPM(F), as the paper replaces "the Denoised NL with the corresponding module".
+In paper mode no loss supervises P_coarse directly (Eq. (5) has no term for it): its 1x1 conv learns
+only through GR, as a class-like gate on A; follow_code=True takes P from the supervised layer3 head.
+"+NL" (Table IV) here is the paper's own non-local formulation, GR and LR off (Eqs. 3-4, Q/K of 64
+channels and the gamma residual), not Wang et al.'s block with its W_z projection and BN. Table IV's
+other rows (OCNet, CCNet, DANet, DRANet) are other papers' modules and are not implemented.
 Deviations: bilinear resizing uses the project's align_corners=False (code: True); plain PyTorch
 init (code: kaiming_normal_(a=1) on every conv); BN, not SyncBN, unless train.py converts it.
 
@@ -58,13 +68,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import BasicBlock, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize, seg_head
+from common import BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize, seg_head
+from galdv1 import build_ga
+
+BLOCKS = ("denoised", "psp", "aspp", "none")
 
 
 def reduction(in_channels, channels):
     """Sec. III-B 'Reduction': 3x3 conv to `channels`, then a Basic Block whose first 3x3 conv has
     stride 2 (1/8 -> 1/16) and whose residual connection eases optimisation. Output: F."""
-    # NOTE(paper-gap): the Basic Block's shortcut is a 3x3 conv with stride 2 + BN + ReLU (code).
+    # NOTE(paper-gap): the first conv is 3x3 to C = 512 and the Basic Block's shortcut is a 3x3 conv
+    # with stride 2 + BN + ReLU (code); the paper says "a convolution layer" and "a Basic Block".
     shortcut = conv_bn_relu(channels, channels, 3, stride=2)
     return nn.Sequential(conv_bn_relu(in_channels, channels, 3),
                          BasicBlock(channels, channels, stride=2, downsample=shortcut))
@@ -101,6 +115,7 @@ def local_retention(a, s_l, size, window):
     B, n, _ = a.shape
     H, W = size
     r = window // 2
+    # NOTE(paper-gap): the window runs over the key index j, A' zero outside the grid (code, DECISIONS.md)
     a = F.pad(a.view(B, n, H, W), (r, r, r, r))                       # (B, n, H+2r, W+2r)
     s_l = s_l.view(B, -1, 1, H, W)                                     # (B, k*k, 1, H, W)
     out = None
@@ -134,6 +149,7 @@ class DenoisedNLBlock(nn.Module):
     def attention(self, q, k, p, s_l, size, rows):
         """Rows i in `rows` (a slice) of A, A', A'' (each (B, n, N)). q (B, N, C'), k (B, C', N);
         p (B, K, N) class probabilities (GR) or None; s_l (B, k*k, N) (LR) or None."""
+        # NOTE(paper-gap): Eq. (4) normalises over the keys j (code; the printed sum runs over i)
         a = torch.softmax(q[:, rows] @ k, dim=-1)                      # Eq. (4): A, softmax over keys  (B, n, N)
         a_gr = a * class_agreement(p[:, :, rows].transpose(1, 2), p) if p is not None else a  # A' = A * P_class
         a_lr = local_retention(a_gr, s_l, size, self.window_size) if s_l is not None else a_gr  # A''
@@ -172,21 +188,27 @@ class DenoisedNLBlock(nn.Module):
 class DenoisedNLNet(SegModel):
     """Sec. III-B and III-F: dilated ResNet (X at 1/8) -> Reduction (F at 1/16) -> Denoised NL (F')
     -> head on concat(X, up(F'), GAP(X) -> 1x1 conv) -> 3x3 conv, BN, ReLU -> 1x1; deep supervision
-    of the res2 (layer2) and res3 (layer3) outputs, Eq. (5)."""
+    of the res2 (layer2) and res3 (layer3) outputs, Eq. (5).
+    block: 'denoised' (ours), 'psp' / 'aspp' (Table III: the block replaced by PPM / ASPP, F' = M(F)),
+    'none' (the "Baseline" of Tables II-V, F' = F). output_stride: the backbone's (F is at twice it)."""
 
-    def __init__(self, backbone, num_classes, *, channels=512, key_channels=64, attention=True,
+    def __init__(self, backbone, num_classes, *, channels=512, key_channels=64, block="denoised",
                  global_rectifying=True, local_retention=True, window_size=3, aux_weights=(1.0, 1.0),
-                 follow_code=False, map_pixel=(0.5, 0.5), query_chunk=2048):
+                 follow_code=False, map_pixel=(0.5, 0.5), query_chunk=2048, output_stride=8):
         super().__init__()
+        if block not in BLOCKS:
+            raise InputError(f"denoised_nl: block must be one of {BLOCKS}, got {block!r}")
         self.backbone = backbone
         _, c2, c3, c4 = backbone.channels
         self.reduction = reduction(c4, channels)
-        self.p_from_aux = follow_code and attention and global_rectifying
-        # NOTE(paper-gap): the "Baseline" (no attention) keeps the Reduction and the head, F' = F
+        self.p_from_aux = follow_code and block == "denoised" and global_rectifying
         self.dnl = DenoisedNLBlock(channels, num_classes, key_channels=key_channels,
                                    global_rectifying=global_rectifying, local_retention=local_retention,
                                    window_size=window_size, class_conv=not follow_code,
-                                   map_pixel=map_pixel, query_chunk=query_chunk) if attention else None
+                                   map_pixel=map_pixel, query_chunk=query_chunk) if block == "denoised" else None
+        # NOTE(paper-gap): Table III's PPM / ASPP at F's stride (2 x output_stride), width C (galdv1.py)
+        self.multiscale = build_ga(block, channels, channels, 2 * output_stride) if block in ("psp", "aspp") else None
+        # NOTE(paper-gap): the "Baseline" (no attention) keeps the Reduction and the head, F' = F
         # NOTE(paper-gap): head width 512 (code)
         if follow_code:
             self.post = conv_bn_relu(channels, channels, 3)            # code: 3x3 conv on up(F')
@@ -209,6 +231,8 @@ class DenoisedNLNet(SegModel):
         maps = None
         if self.dnl is not None:
             f, maps = self.dnl(f, aux3 if self.p_from_aux else None)  # F'  (B, C, H/16, W/16)
+        elif self.multiscale is not None:
+            f = self.multiscale(f)                                     # Table III: F' = PPM(F) / ASPP(F)
         f = resize(f, x.shape[-2:])                                    # (B, C, H/8, W/8)
         if self.follow_code:
             feats = [x, self.post(f)]
@@ -234,14 +258,16 @@ class DenoisedNLNet(SegModel):
 def add_args(parser):
     group = parser.add_argument_group("denoised_nl: Denoised Non-Local Network (Song et al.)")
     onoff = argparse.BooleanOptionalAction
-    group.add_argument("--attention", action=onoff, default=True,
-                       help="the Denoised NL block; --no-attention is the 'Baseline' of Tables II-V "
-                            "(no attention strategy: F' = F)")
+    group.add_argument("--block", choices=BLOCKS, default="denoised",
+                       help="the context block on F: the Denoised NL (ours); psp / aspp, Table III's "
+                            "'+PPM' / '+ASPP' (galdv1.py's modules); none, the 'Baseline' of Tables "
+                            "II-V (no attention strategy: F' = F)")
     group.add_argument("--global-rectifying", action=onoff, default=True,
                        help="Global Rectifying block, A' = A * sigmoid(P^T P) (Sec. III-D, Table II 'GR')")
     group.add_argument("--local-retention", action=onoff, default=True,
                        help="Local Retention block, A'' from k x k windows of A' (Sec. III-E, Table II 'LR'); "
-                            "with GR and LR off the block is the plain non-local block ('+NL', Table IV)")
+                            "with GR and LR off the block is the paper's own non-local formulation "
+                            "(Eqs. 3-4; our '+NL' of Table IV)")
     group.add_argument("--window-size", type=int, default=3,
                        help="k of the k x k local window of Local Retention (Sec. III-E; 3 in the code)")
     group.add_argument("--aux-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("L1", "L2"),
@@ -256,7 +282,8 @@ def add_args(parser):
 
 
 def build_model(args):
-    return DenoisedNLNet(build_backbone(args), args.num_classes, attention=args.attention,
+    return DenoisedNLNet(build_backbone(args), args.num_classes, block=args.block,
                          global_rectifying=args.global_rectifying, local_retention=args.local_retention,
                          window_size=args.window_size, aux_weights=tuple(args.aux_weights),
-                         follow_code=args.follow_code, map_pixel=tuple(args.map_pixel))
+                         follow_code=args.follow_code, map_pixel=tuple(args.map_pixel),
+                         output_stride=args.output_stride)

@@ -86,34 +86,34 @@ def rmi_loss(logits, target, *, radius=3, pool=4, alpha=5e-4):
     becomes a 9-dim point, and the conditional covariance Sigma_Y|P = Sigma_Y - Sigma_YP Sigma_P^-1
     Sigma_YP^T (Sigma_P + alpha I for stability) bounds the mutual information from below;
     rmi = 0.5 * log det(I + Sigma_Y|P / alpha) / 9, mean over the batch, summed over classes.
-    Computed in float64 with autocast off (Cholesky of near-singular matrices fails in fp16/fp32).
+    Computed in float64, which autocast never lowers (Cholesky of near-singular matrices fails in
+    fp16/fp32); the BCE in float32.
     """
     B, K, H, W = logits.shape
-    with torch.autocast(logits.device.type, enabled=False):
-        valid = (target != IGNORE_INDEX).unsqueeze(1)                            # (B, 1, H, W)
-        onehot = F.one_hot(target * valid[:, 0], K).permute(0, 3, 1, 2) * valid  # (B, K, H, W)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), onehot.float(), weight=valid.float(),
-                                                 reduction="sum") / (valid.sum() + 1)
-        prob = logits.double().sigmoid() * valid + 1e-6                         # (B, K, H, W)
-        label = F.avg_pool2d(onehot.double(), pool, pool, pool // 2)             # (B, K, H', W')
-        prob = F.avg_pool2d(prob, pool, pool, pool // 2)
-        if min(label.shape[-2:]) < radius:                                       # too small for a window
-            return bce, bce.new_zeros(())
-        y = region_vectors(label, radius)                                        # (B, K, D, N)
-        p = region_vectors(prob, radius)
-        y = y - y.mean(-1, keepdim=True)
-        p = p - p.mean(-1, keepdim=True)
-        eye = torch.eye(radius * radius, dtype=torch.float64, device=logits.device)
-        cov_y = y @ y.transpose(-1, -2)                                          # (B, K, D, D)
-        cov_yp = y @ p.transpose(-1, -2)
-        cov_p = p @ p.transpose(-1, -2) + alpha * eye
-        cond = cov_y - cov_yp @ torch.linalg.solve(cov_p, cov_yp.transpose(-1, -2))
-        cond = 0.5 * (cond + cond.transpose(-1, -2))                             # exact symmetry for Cholesky
-        chol = torch.linalg.cholesky(cond + alpha * eye)
-        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)              # (B, K)
-        # the code's 0.5 * log det(cond + alpha I), minus its minimum 0.5 * log det(alpha I)
-        rmi = 0.5 * (log_det - radius * radius * math.log(alpha))
-        rmi = (rmi.mean(0) / (radius * radius)).sum()
+    valid = (target != IGNORE_INDEX).unsqueeze(1)                            # (B, 1, H, W)
+    onehot = F.one_hot(target * valid[:, 0], K).permute(0, 3, 1, 2) * valid  # (B, K, H, W)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), onehot.float(), weight=valid.float(),
+                                             reduction="sum") / (valid.sum() + 1)
+    prob = logits.double().sigmoid() * valid + 1e-6                         # (B, K, H, W)
+    label = F.avg_pool2d(onehot.double(), pool, pool, pool // 2)             # (B, K, H', W')
+    prob = F.avg_pool2d(prob, pool, pool, pool // 2)
+    if min(label.shape[-2:]) < radius:                                       # too small for a window
+        return bce, bce.new_zeros(())
+    y = region_vectors(label, radius)                                        # (B, K, D, N)
+    p = region_vectors(prob, radius)
+    y = y - y.mean(-1, keepdim=True)
+    p = p - p.mean(-1, keepdim=True)
+    eye = torch.eye(radius * radius, dtype=torch.float64, device=logits.device)
+    cov_y = y @ y.transpose(-1, -2)                                          # (B, K, D, D)
+    cov_yp = y @ p.transpose(-1, -2)
+    cov_p = p @ p.transpose(-1, -2) + alpha * eye
+    cond = cov_y - cov_yp @ torch.linalg.solve(cov_p, cov_yp.transpose(-1, -2))
+    cond = 0.5 * (cond + cond.transpose(-1, -2))                             # exact symmetry for Cholesky
+    chol = torch.linalg.cholesky(cond + alpha * eye)
+    log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)              # (B, K)
+    # the code's 0.5 * log det(cond + alpha I), minus its minimum 0.5 * log det(alpha I)
+    rmi = 0.5 * (log_det - radius * radius * math.log(alpha))
+    rmi = (rmi.mean(0) / (radius * radius)).sum()
     return bce, rmi.float()
 
 

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import galdv1  # noqa: E402
 from denoised_nl import (DenoisedNLBlock, DenoisedNLNet, class_agreement, local_retention,  # noqa: E402
                          local_similarity)
 
@@ -172,15 +173,6 @@ def test_without_gr_and_lr_is_the_non_local_block():
     torch.testing.assert_close(out, expected.view_as(f))
 
 
-def test_gamma_zero_is_identity():
-    torch.manual_seed(5)
-    block = DenoisedNLBlock(8, 4, key_channels=3).double()             # gamma is zero-initialised
-    assert block.gamma.item() == 0
-    f = torch.randn(2, 8, 5, 7, **D)
-    for training in (True, False):
-        assert torch.equal(block.train(training)(f)[0], f)
-
-
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an op creates."""
 
@@ -261,8 +253,51 @@ def test_model_odd_size_loss_and_gr_wiring(backbone):
         assert all(m.shape == (1, 1, 3, 3) for m in out["maps"].values())  # 33x47 -> 1/16 grid 3x3
 
 
+def test_every_parameter_learns_and_every_branch_reaches_the_output(backbone):
+    """With gamma moved off its initial 0, every parameter gets a non-zero gradient (both modes),
+    and the output depends on F' (through gamma) and, in paper mode, on the GAP branch."""
+    torch.manual_seed(8)
+    image, target = torch.randn(2, 3, 33, 47), torch.randint(0, 5, (2, 33, 47))
+    for follow_code in (False, True):
+        model = DenoisedNLNet(backbone, 5, follow_code=follow_code).train()
+        with torch.no_grad():
+            model.dnl.gamma.fill_(0.5)
+        model.zero_grad()
+        model.loss(model(image), target)["total"].backward()
+        dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, f"no gradient for {dead}"
+        model.eval()
+        with torch.no_grad():
+            before = model(image)["out"]
+            model.dnl.gamma.fill_(-1.0)                                 # F' changes
+            assert not torch.allclose(model(image)["out"], before)
+            if not follow_code:
+                model.dnl.gamma.fill_(0.5)
+                model.context.bias.add_(1.0)                            # the GAP branch changes
+                assert not torch.allclose(model(image)["out"], before)
+
+
+def test_table3_blocks_replace_the_denoised_nl(backbone):
+    """Table III: '+PPM' / '+ASPP' put galdv1's modules on F (stride 16 = 2 x the backbone's 8):
+    ASPP's rates become DeepLabv3's (6, 12, 18); F' = M(F) feeds the head."""
+    torch.manual_seed(9)
+    for block, kind in (("psp", galdv1.PSP), ("aspp", galdv1.ASPP)):
+        model = DenoisedNLNet(backbone, 5, block=block, output_stride=8).eval()
+        assert model.dnl is None and isinstance(model.multiscale, kind)
+        if block == "aspp":
+            assert [b[0].dilation[0] for b in model.multiscale.branches[1:]] == [6, 12, 18]
+        seen = []
+        model.multiscale.register_forward_hook(lambda m, i, o: seen.append((i[0].shape, o.shape)))
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 64))
+        assert set(out) == {"out"} and out["out"].shape == (1, 5, 64, 64)
+        assert seen == [((1, 512, 4, 4), (1, 512, 4, 4))]               # F at 1/16, width C kept
+    with pytest.raises(common.InputError):
+        DenoisedNLNet(backbone, 5, block="ocnet")
+
+
 def test_baseline_without_attention(backbone):
-    model = DenoisedNLNet(backbone, 5, attention=False).eval()
+    model = DenoisedNLNet(backbone, 5, block="none").eval()
     assert model.dnl is None
     with torch.no_grad():
         out = model(torch.randn(1, 3, 17, 17))
