@@ -12,17 +12,18 @@ sees concat(X_gald, X) (Sec. 3.2, Fig. 2).
 Map from the code to the paper:
     CGNL, HalfResolution    GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
     NonLocal, PSP, ASPP     the other GA modules of Table 1(a)/(b), Fig. 3(a)-(d)
-    build_ga                one GA module (with its projection to the block width); galdv2.py imports it
-    LocalDistribution       LD, Eqs. (1)-(2); downsampling choices of Table 1(e)
-    GALDBlock               the arrangements GALD / LDGA / Parallel of Table 1(c), Fig. 3(e)-(g)
-    GALD                    the network of Sec. 3.3 / Fig. 2, Eq. (3), OHEM + aux loss
+    build_ga                one GA module (projected to the block width if needed); galdv2.py imports it
+    LocalDistribution       LD, Sec. 3.2, Eqs. (1)-(2); downsampling choices of Table 1(e)
+    GALDBlock               the arrangements GALD / LDGA / Parallel of Sec. 4.3.1, Table 1(c), Fig. 3(e)-(g)
+    GALDHead, GALD          the network of Sec. 3.3 / Fig. 2, Eq. (3), OHEM + aux loss
 
 forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) (training only),
-'maps': {'ld_mask': (B, 1, H/8, W/8) channel-mean of M (Fig. 4)} when LD is on}.
+'maps': {'ld_mask': (B, 1, H/8, W/8) channel-mean of M (Fig. 4)} (eval only, when LD is on)}.
 
 Paper gaps, filled from the released code or our choice (marked NOTE(paper-gap) below):
 - 3x3 conv 2048->512 before the block, 3x3 conv 512->512 after it, and "X" of Eq. (3) is the raw
-  layer4 output (2048 ch); head = 3x3 conv 2560->512 (BN, ReLU, no dropout) -> 1x1 (code).
+  layer4 output (2048 ch); head = 3x3 conv 2560->512 (BN, ReLU, no dropout) -> 1x1 (code). We concat
+  in Eq. (3)'s order (X_gald, X); the code's is (layer4, X_gald), which matters only to load its weights.
 - CGNL: 8 groups, dot-product kernel without scaling, grouped 1x1 output conv + GroupNorm + residual;
   its half resolution is a depth-wise 3x3 stride-2 conv + BN + ReLU, bilinear back up (code).
 - W_d = three depth-wise 3x3 stride-2 convs (d = 8), BN after each, ReLU between them (code).
@@ -32,7 +33,9 @@ Paper gaps, filled from the released code or our choice (marked NOTE(paper-gap) 
 - NL, PSP, ASPP do not exist in the code: NL = embedded Gaussian, C/2 inner channels, zero-initialised
   output BN (Wang et al.); PSP bins (1, 2, 3, 6) with C/4 channels per bin (PSPNet); ASPP rates
   (6, 12, 18) at output stride 16, i.e. (12, 24, 36) at 8, + image pooling, 256 channels per branch
-  (DeepLabv3). All three project to the block width with conv + BN + ReLU and run at full resolution.
+  (DeepLabv3). PSP and ASPP end in a conv + BN + ReLU to the block width (PSP without the code's
+  Dropout2d(0.1)); NL and CGNL keep their input width and get a 1x1 conv + BN + ReLU only where it
+  differs from the block width (never in GALD or galdv2.py). NL, PSP, ASPP run at full resolution.
 - LDGA and Parallel (Fig. 3 f, g): LD then GA; concat(GA(X), LD(X)) -> 3x3 conv to 512.
   --ga none and --no-ld make that part the identity (Table 1 "+LD" and "+GA" rows).
 - Aux head on layer3 (3x3 conv 512, BN, ReLU, dropout 0.1, 1x1), plain CE, weight 0.4; OHEM
@@ -48,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
+from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +104,8 @@ class HalfResolution(nn.Module):
 
 
 class NonLocal(nn.Module):
-    """Non-local block, embedded Gaussian (Wang et al. 2018), GA of Table 1(a) "+NL".
+    """Non-local block, embedded Gaussian (Wang et al. 2018), GA of Sec. 4.3.1, Table 1(a) "+NL";
+    TIP Sec. III-B, Eq. (4): X~ = softmax(X_theta X_phi^T) X_g.
 
     y_i = sum_j softmax_j(theta_i . phi_j) g_j, output x + BN(W y) with BN's gamma zero-initialised,
     so the block starts as the identity.
@@ -123,7 +127,7 @@ class NonLocal(nn.Module):
         q = self.theta(x).flatten(2).transpose(1, 2)           # (B, N, C/2)
         k = self.phi(x).flatten(2).transpose(1, 2)             # (B, N, C/2)
         v = self.g(x).flatten(2).transpose(1, 2)               # (B, N, C/2)
-        # softmax over all positions j of exp(theta_i . phi_j), unscaled as in the NL paper;
+        # TIP Eq. (4): softmax over all positions j of theta_i . phi_j, unscaled as in the NL paper;
         # the fused kernel never stores the (B, N, N) affinity
         y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, N, C/2)
         y = y.transpose(1, 2).reshape(B, -1, H, W)             # (B, C/2, H, W)
@@ -131,12 +135,13 @@ class NonLocal(nn.Module):
 
 
 class PSP(nn.Module):
-    """Pyramid pooling (Zhao et al. 2017), GA of Table 1(a) "+PSP": average pooling to bins x bins,
-    1x1 conv to C/len(bins), bilinear up, concat with the input, 3x3 conv to out_channels."""
+    """Pyramid pooling (Zhao et al. 2017; Sec. 2), GA of Sec. 4.3.1, Table 1(a) "+PSP": average pooling
+    to bins x bins, 1x1 conv to C/len(bins), bilinear up, concat with the input, 3x3 conv to out_channels."""
 
     def __init__(self, in_channels, out_channels, *, bins=(1, 2, 3, 6)):
         super().__init__()
-        # NOTE(paper-gap): C/4 channels per bin with BN + ReLU, as PSPNet (the code: 512 per bin, no ReLU)
+        # NOTE(paper-gap): C/4 channels per bin with BN + ReLU, as PSPNet (the code: 512 per bin, no ReLU),
+        # and no Dropout2d(0.1) after the projection (the code's PSPModule ends with one)
         branch = in_channels // len(bins)
         self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, 1))
                                     for b in bins)
@@ -148,8 +153,8 @@ class PSP(nn.Module):
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (Chen et al. 2017), GA of Table 1(a) "+ASPP": a 1x1 conv, three
-    dilated 3x3 convs and image pooling, concatenated and projected with a 1x1 conv."""
+    """Atrous spatial pyramid pooling (Chen et al. 2017; Sec. 2), GA of Sec. 4.3.1, Table 1(a) "+ASPP":
+    a 1x1 conv, three dilated 3x3 convs and image pooling, concatenated and projected with a 1x1 conv."""
 
     def __init__(self, in_channels, out_channels, *, rates=(12, 24, 36), inner_channels=256):
         super().__init__()
@@ -177,7 +182,7 @@ def build_ga(kind, in_channels, channels, output_stride=8):
     elif kind == "nl":
         ga = NonLocal(in_channels)
     else:
-        raise ValueError(f"unknown GA module {kind!r}")
+        raise InputError(f"unknown GA module {kind!r}, expected cgnl, nl, psp or aspp")
     if in_channels == channels:
         return ga                                              # the code's GALD block: no projection
     # NOTE(paper-gap): project to the block width with 1x1 conv + BN + ReLU (our choice, official_code.md 1.4)
@@ -189,20 +194,23 @@ def build_ga(kind, in_channels, channels, output_stride=8):
 
 
 class LocalDistribution(nn.Module):
-    """LD, Eqs. (1)-(2): M = sigmoid(up(W_d X_g)), X_gald = M * X_g + X_g; forward returns (X_gald, M).
+    """LD, Sec. 3.2, Eqs. (1)-(2) (TIP Sec. III-A "LDv1"): M = sigmoid(up(W_d X_g)),
+    X_gald = M * X_g + X_g; forward returns (X_gald, M).
 
-    W_d downsamples by d = ratio, per channel: "dwconv" = log2(d) depth-wise 3x3 stride-2 convs
-    (the paper's choice), "bilinear" / "avgpool" = parameter-free resizing (Table 1e).
+    W_d downsamples by d = 8 per channel: "dwconv" = three depth-wise 3x3 stride-2 convs (the
+    paper's choice), "bilinear" / "avgpool" = parameter-free resizing (Table 1e).
     follow_code=True: ReLU after W_d (M in [0.5, 1)) and output 2 * X_g + M * X_g (released code).
     """
 
-    def __init__(self, channels, *, downsample="dwconv", follow_code=False, ratio=8):
+    ratio = 8                                                  # d of Eq. (1): "the downsampling ratio is 8" (Table 1e)
+
+    def __init__(self, channels, *, downsample="dwconv", follow_code=False):
         super().__init__()
         if downsample not in ("dwconv", "bilinear", "avgpool"):
-            raise ValueError(f"unknown LD downsampling {downsample!r}")
-        self.downsample, self.follow_code, self.ratio = downsample, follow_code, ratio
+            raise InputError(f"unknown LD downsampling {downsample!r}, expected dwconv, bilinear or avgpool")
+        self.downsample, self.follow_code = downsample, follow_code
         if downsample == "dwconv":
-            steps = ratio.bit_length() - 1                     # d = 2 ** steps
+            steps = self.ratio.bit_length() - 1                # d = 2 ** steps stride-2 convs
             # NOTE(paper-gap): BN after every depth-wise conv, ReLU between them (code), padding 1
             layers = [conv_bn_relu(channels, channels, 3, stride=2, groups=channels) for _ in range(steps - 1)]
             layers += [nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
@@ -232,15 +240,15 @@ class LocalDistribution(nn.Module):
 
 
 class GALDBlock(nn.Module):
-    """GA and LD arranged as GALD (LD after GA, Fig. 3e), LDGA (GA after LD, Fig. 3f) or Parallel
-    (concat of GA(X) and LD(X), Fig. 3g); Table 1(c). ga="none" / ld=False make that part the
-    identity. forward returns (features, M or None); out_channels is 2C for Parallel, else C."""
+    """GA and LD arranged as GALD (LD after GA, Sec. 3.2, Fig. 3e), LDGA (GA after LD, Fig. 3f) or
+    Parallel (concat of GA(X) and LD(X), Fig. 3g); Sec. 4.3.1, Table 1(c). ga="none" / ld=False make
+    that part the identity. forward returns (features, M or None); out_channels is 2C for Parallel, else C."""
 
     def __init__(self, channels, *, ga="cgnl", ld=True, arrangement="gald", ld_downsample="dwconv",
                  follow_code=False, output_stride=8):
         super().__init__()
         if arrangement not in ("gald", "ldga", "parallel"):
-            raise ValueError(f"unknown arrangement {arrangement!r}")
+            raise InputError(f"unknown arrangement {arrangement!r}, expected gald, ldga or parallel")
         self.arrangement = arrangement
         self.ga = nn.Identity() if ga == "none" else build_ga(ga, channels, channels, output_stride)
         self.ld = LocalDistribution(channels, downsample=ld_downsample, follow_code=follow_code) if ld else None
@@ -268,7 +276,9 @@ class GALDHead(nn.Module):
 
     def __init__(self, block_channels, c3, c4, num_classes, channels=512):
         super().__init__()
-        # NOTE(paper-gap): a 3x3 conv after the block; head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 (code)
+        # NOTE(paper-gap): a 3x3 conv after the block; head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 (code).
+        # The concat follows Eq. (3), (X_gald, X); the code's bottleneck takes (layer4, X_gald): the same
+        # layer up to the order of its input channels, which matters only to load the official weights.
         self.convb = conv_bn_relu(block_channels, channels, 3)
         self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3), nn.Conv2d(channels, num_classes, 1))
         # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3, plain CE weight 0.4, and
@@ -284,9 +294,10 @@ class GALDHead(nn.Module):
 
 
 class GALD(SegModel):
-    """Dilated ResNet -> 3x3 conv -> GALD block -> GALDHead (Eq. 3).
+    """Sec. 3.3, Fig. 2 (TIP Sec. III-A): dilated ResNet -> 3x3 conv -> GALD block -> GALDHead (Eq. 3).
 
     Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux'.
+    Eval adds 'maps' {'ld_mask'} when LD is on (what --save-maps writes, Fig. 4).
     """
 
     def __init__(self, backbone, num_classes, *, ga="cgnl", ld=True, arrangement="gald",
@@ -306,7 +317,7 @@ class GALD(SegModel):
         c1, c2, c3, c4 = self.backbone(image)                  # c4: (B, 2048, H/8, W/8) = X
         x_gald, m = self.block(self.conva(c4))                 # (B, C, H/8, W/8), M: (B, C, H/8, W/8)
         out = self.decoder(x_gald, c3, c4, image.shape[-2:])
-        if m is not None:
+        if m is not None and not self.training:
             out["maps"] = {"ld_mask": m.detach().mean(1, keepdim=True)}  # (B, 1, H/8, W/8), Fig. 4
         return out
 

@@ -16,7 +16,7 @@ Map from the paper to this file:
     Sec. III-A, Fig. 5 (a)   GA modules                          galdv1.build_ga
     Sec. III-A, Eqs. (1)-(2) LDv1 (Table IV "LDv1" row)           galdv1.LocalDistribution
     Sec. III-B, Eqs. (6)-(8) LDv2                                 DynamicLocalDistribution
-    Sec. III-B, Fig. 5 (b)   concat(X_gald, X_l) -> head          GALDv2.forward
+    Sec. III-B, Fig. 5 (b)   concat(X_gald, X_l) -> head          GALDv2.distribute
     BMVC Eq. (3)             the v1 head and the aux head         galdv1.GALDHead
     Sec. IV-B                aux head on layer3, OHEM main loss   GALDv2.loss
     Fig. 9                   affinity of one pixel laid out       DynamicLocalDistribution.affinity_map
@@ -28,7 +28,9 @@ channels), v1 = galdv1's LocalDistribution, none = GA alone; with v1 / none the 
 with the same GA. `ga='none'` gives LDv2 the local features alone (the "+LDv2" rows of Tables I d, II b).
 
 Paper gaps (marked NOTE(paper-gap) in the code):
-  - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (DECISIONS.md, code).
+  - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (DECISIONS.md, code),
+    so after LDv2's concat(X_gald, X_l) (Fig. 5 b) and convb, Eq. (3) concatenates layer4 too: the
+    head sees both the local features X_l and the raw layer4 X.
   - Q/K width: 64 channels (official_code.md 1.9, REC 5); V keeps C = 512 so X_gald has X_g's size.
   - The K conv has no bias: a key bias adds q_i . b to all k*k logits of position i and cancels in the
     softmax, so it could never learn. Q and V keep their bias.
@@ -46,7 +48,7 @@ DynamicLocalDistribution.forward); tests/test_galdv2.py proves the result equal,
 gradients, to the explicit unfold form of Eqs. (6)-(8).
 
 forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) in training,
-'maps': {'affinity': (B, 1, h, w)} for ld=v2, {'ld_mask': (B, 1, h, w)} for ld=v1}.
+'maps' in eval only: {'affinity': (B, 1, h, w)} for ld=v2, {'ld_mask': (B, 1, h, w)} for ld=v1}.
 """
 import argparse
 
@@ -77,6 +79,9 @@ class DynamicLocalDistribution(nn.Module):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
             raise InputError(f"LDv2 needs an odd kernel size and dilation >= 1, got k={kernel_size}, r={dilation}")
+        for name, choice in (("key_input", key_input), ("query_input", query_input)):
+            if choice not in ("concat", "global"):
+                raise InputError(f"LDv2 {name} must be concat or global, got {choice!r}")
         self.kernel_size, self.dilation = kernel_size, dilation
         self.key_input, self.query_input = key_input, query_input
         width = lambda choice: 2 * channels if choice == "concat" else channels
@@ -132,12 +137,13 @@ class DynamicLocalDistribution(nn.Module):
 
 
 class GALDv2(SegModel):
-    """Dilated ResNet -> 3x3 conv (X_l) -> GA (X_g) -> LD -> 3x3 conv -> head on concat(., layer4).
+    """TIP Sec. III-A/B: dilated ResNet -> 3x3 conv (X_l) -> GA (X_g) -> LD -> 3x3 conv -> head on
+    concat(., layer4).
 
     ld='v2': X_gald = LDv2(X_g, X_l), then concat(X_gald, X_l) (Fig. 5 b); ld='v1': galdv1's LD,
     Eqs. (1)-(2); ld='none': X_g alone. ga='none' feeds X_l as X_g (Table I d / II b "+LDv2" rows).
     Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux' (Sec. IV-B).
-    affinity_pixel: the (y, x) position, relative to the map, whose affinity 'maps' shows (Fig. 9).
+    Eval adds 'maps'; affinity_pixel: the (y, x) position, relative to the map, whose affinity it shows (Fig. 9).
     """
 
     def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", kernel_size=5, dilation=3,
@@ -158,31 +164,35 @@ class GALDv2(SegModel):
             self.ld = LocalDistribution(channels)
         elif ld != "none":
             raise InputError(f"--ld must be v2, v1 or none, got {ld!r}")
-        # NOTE(paper-gap): the GALD v1 head (Eq. 3, GALD code); it reads 2 x 512 channels after LDv2's
-        # concat(X_gald, X_l).
+        # NOTE(paper-gap): the GALD v1 head (Eq. 3, GALD code). With LDv2, convb reads LDv2's concat(X_gald,
+        # X_l) (2 x 512 channels, Fig. 5 b) and Eq. (3) then concatenates layer4 as well (DECISIONS.md).
         self.decoder = GALDHead(2 * channels if ld == "v2" else channels, c3, c4, num_classes, channels)
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def distribute(self, x_g, x_l):
-        """The LD step: features for convb and the 'maps' to show."""
+        """The LD step: features for convb, and LDv2's affinity or LDv1's M (None without LD)."""
         if self.ld_kind == "v2":
             x_gald, affinity = self.ld(x_g, x_l)                       # Eqs. (6)-(8), (B, C, H, W)
-            maps = {"affinity": self.ld.affinity_map(affinity, self.affinity_pixel)}  # (B, 1, H, W), Fig. 9
             # NOTE(paper-gap): no residual X_g + LDv2 (official_code.md REC 3): Eq. (8) and Fig. 5 (b) have none
-            return torch.cat([x_gald, x_l], 1), maps                   # Fig. 5 (b): (B, 2C, H, W)
+            return torch.cat([x_gald, x_l], 1), affinity               # Fig. 5 (b): (B, 2C, H, W)
         if self.ld_kind == "v1":
-            x_gald, m = self.ld(x_g)                                   # Eqs. (1)-(2), (B, C, H, W)
-            return x_gald, {"ld_mask": m.detach().mean(1, keepdim=True)}  # (B, 1, H, W)
-        return x_g, {}
+            return self.ld(x_g)                                        # Eqs. (1)-(2), (B, C, H, W)
+        return x_g, None
+
+    def ld_maps(self, weights):
+        """'maps' from distribute's weights: the affinity of one pixel (Fig. 9) or the channel-mean of M."""
+        if self.ld_kind == "v2":
+            return {"affinity": self.ld.affinity_map(weights, self.affinity_pixel)}  # (B, 1, H, W)
+        return {"ld_mask": weights.detach().mean(1, keepdim=True)}     # (B, 1, H, W)
 
     def forward(self, image):
         c1, c2, c3, c4 = self.backbone(image)                          # c4: (B, 2048, H/8, W/8) = X
         x_l = self.local(c4)                                           # (B, C, H/8, W/8)
         x_g = self.ga(x_l)                                             # (B, C, H/8, W/8)
-        x_ld, maps = self.distribute(x_g, x_l)
+        x_ld, weights = self.distribute(x_g, x_l)
         out = self.decoder(x_ld, c3, c4, image.shape[-2:])             # Eq. (3) and the heads
-        if maps:
-            out["maps"] = maps
+        if weights is not None and not self.training:                  # only --save-maps reads them (eval)
+            out["maps"] = self.ld_maps(weights)
         return out
 
     def loss(self, outputs, target):

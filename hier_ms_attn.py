@@ -12,6 +12,7 @@ Map from the code to the paper
     rmi_loss ............... RMI [42], "the primary loss function under default settings" (Sec. 5.1),
                              with the settings of the authors' code (0.5 * sigmoid BCE + 0.5 * RMI)
     prediction_head ........ Sec. 3.1 semantic head; the attention head is the same with 1 output
+    scale_weights .......... Fig. 3: each scale's share of the chained result ('maps')
     HierarchicalMultiScaleAttention
       ._trunk .............. one image scale through the shared trunk (Fig. 2)
       ._hierarchical ....... Eq. (1), chained over any list of scales (Fig. 2 right)
@@ -23,8 +24,8 @@ Map from the code to the paper
 forward(image, scales=None) -> dict
     'out'           (B, K, H, W) logits at the image's size: training mode fuses the training scales
                     (default 0.5 1.0), eval mode returns the single-scale (1.0) prediction.
-    'maps'          {"attn_<scale>": (B, 1, H, W)} (hierarchical or explicit mode, when more than one
-                    scale ran; average mode has none): how much each
+    'maps'          eval only: {"attn_<scale>": (B, 1, H, W)} (hierarchical or explicit mode, when more
+                    than one scale ran; average mode has none): how much each
                     scale contributes to 'out' at every pixel; they sum to 1 over scales (Fig. 3).
     'scale_logits'  training only: {"<scale>": (B, K, H, W)} each scale's own prediction, supervised
                     with weight 0.05 (code).
@@ -129,6 +130,17 @@ def prediction_head(in_ch, out_ch, mid_ch=256):
                          nn.Conv2d(mid_ch, out_ch, 1, bias=False))
 
 
+def scale_weights(up, scales):
+    """Fig. 3: each scale's weight in the result of Eq. (1) chained, from the upsampled attention
+    maps up[s] (B, 1, H, W) of every scale but the top one; the weights sum to 1 at every pixel."""
+    maps, remaining = {}, 1.0
+    for s in scales[:-1]:
+        a = up[s].detach()                                                    # (B, 1, H, W)
+        maps[f"attn_{s}"], remaining = remaining * a, remaining * (1 - a)
+    maps[f"attn_{scales[-1]}"] = remaining                                   # what no lower scale took
+    return maps
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -195,12 +207,10 @@ class HierarchicalMultiScaleAttention(SegModel):
         for s in reversed(scales[:-1]):
             # NOTE(paper-gap): L_s * a_s at the scale's input size, then U to the image's size (code)
             out = resize(logits[s] * attention[s], size) + (1 - up[s]) * out  # Eq. (1)
-        maps, remaining = {}, 1.0
-        for s in scales[:-1]:                                                 # Fig. 3: weights sum to 1
-            a = up[s].detach()                                                # (B, 1, H, W)
-            maps[f"attn_{s}"], remaining = remaining * a, remaining * (1 - a)
-        maps[f"attn_{scales[-1]}"] = remaining                               # what no lower scale took
-        return {"out": out, "maps": maps}, {s: resize(v, size) for s, v in logits.items()}
+        result = {"out": out}
+        if not self.training:
+            result["maps"] = scale_weights(up, scales)
+        return result, {s: resize(v, size) for s, v in logits.items()}
 
     def _explicit(self, image, scales):
         """Chen et al. [1]: features of all scales -> one attention map per scale, softmax over
@@ -219,12 +229,14 @@ class HierarchicalMultiScaleAttention(SegModel):
         # NOTE(paper-gap): softmax over the S maps as Chen et al. (the code's variant is un-normalised)
         weights = resize(self.attn_head(feats).softmax(1), size)              # (B, S, H, W)
         out = sum(weights[:, i:i + 1] * logits[s] for i, s in enumerate(scales))
-        maps = {f"attn_{s}": weights[:, i:i + 1].detach() for i, s in enumerate(scales)}
-        return {"out": out, "maps": maps}, logits
+        result = {"out": out}
+        if not self.training:
+            result["maps"] = {f"attn_{s}": weights[:, i:i + 1].detach() for i, s in enumerate(scales)}
+        return result, logits
 
     def fuse(self, image, scales):
         """Run `scales` through the shared trunk and combine them by ms_mode.
-        Returns ({'out', 'maps' (more than one scale)}, {scale: (B, K, H, W) own logits})."""
+        Returns ({'out', 'maps' (eval, more than one scale)}, {scale: (B, K, H, W) own logits})."""
         scales = tuple(sorted(set(float(s) for s in scales)))
         if not scales or min(scales) <= 0:
             raise InputError(f"scales must be positive, got {scales}")

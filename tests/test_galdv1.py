@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import ResNet, resize  # noqa: E402
+from common import InputError, ResNet, resize  # noqa: E402
 from galdv1 import (ASPP, CGNL, GALD, GALDBlock, HalfResolution, LocalDistribution, NonLocal,  # noqa: E402
                     add_args, build_ga, build_model)
 
@@ -108,16 +108,60 @@ def test_aspp_rates_scale_with_output_stride():
     assert isinstance(build_ga("aspp", 8, 8), ASPP)
 
 
-@pytest.mark.parametrize("downsample", ["dwconv", "bilinear", "avgpool"])
-def test_ld_mask_in_unit_interval_and_eq2(downsample):
+def test_ld_eq1_eq2_match_a_written_out_reference():
+    """Eq. (1) on the default dwconv path by hand: W_d = two (depth-wise 3x3 stride-2 conv, BN, ReLU)
+    then (conv, BN), BN in eval mode with random statistics; bilinear up (align_corners=False) to
+    X_g's size, then the sigmoid. Eq. (2): M * X_g + X_g; follow_code: ReLU after W_d, 2 X_g + M X_g."""
+    torch.manual_seed(0)
+    C, H, W = 6, 19, 23
+    ld = LocalDistribution(C).double().eval()
+    randomise_norms(ld)
+    for bn in (m for m in ld.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    code = LocalDistribution(C, follow_code=True).double().eval()
+    code.load_state_dict(ld.state_dict())
+    x = torch.randn(2, C, H, W, dtype=torch.float64)
+    convs = [m for m in ld.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in ld.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(norms) == 3                          # d = 8 = 2 ** 3
+    w = x
+    for i, (conv, bn) in enumerate(zip(convs, norms)):
+        w = F.conv2d(w, conv.weight, stride=2, padding=1, groups=C)
+        w = (w - bn.running_mean.view(1, C, 1, 1)) / torch.sqrt(bn.running_var.view(1, C, 1, 1) + bn.eps)
+        w = w * bn.weight.view(1, C, 1, 1) + bn.bias.view(1, C, 1, 1)
+        w = w.clamp(min=0) if i < 2 else w                        # ReLU between the convs only
+    assert w.shape == (2, C, 3, 3)                                # 19 -> 10 -> 5 -> 3, 23 -> 12 -> 6 -> 3
+    up = lambda t: F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)
+    expected_m = torch.sigmoid(up(w))
+    out, m = ld(x)
+    torch.testing.assert_close(m, expected_m)
+    torch.testing.assert_close(out, expected_m * x + x)
+    expected_m = torch.sigmoid(up(w.clamp(min=0)))
+    out, m = code(x)
+    torch.testing.assert_close(m, expected_m)
+    torch.testing.assert_close(out, 2 * x + expected_m * x)
+
+
+@pytest.mark.parametrize("downsample", ["bilinear", "avgpool"])
+def test_ld_output_is_eq2_of_its_mask(downsample):
+    """The parameter-free downsamplings (their masks are checked in test_ld_downsamples_by_eight)."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 9, 11)
     out, m = LocalDistribution(8, downsample=downsample)(x)
-    assert m.shape == x.shape and (m > 0).all() and (m < 1).all()
     torch.testing.assert_close(out, m * x + x)                    # Eq. (2)
     out, m = LocalDistribution(8, downsample=downsample, follow_code=True)(x)
-    assert (m >= 0.5).all() and (m < 1).all()                     # ReLU before the sigmoid
+    assert (m >= 0.5).all()                                       # ReLU before the sigmoid
     torch.testing.assert_close(out, 2 * x + m * x)                # the code's double residual
+
+
+def test_bad_options_raise_input_error():
+    with pytest.raises(InputError, match="LD downsampling 'max'"):
+        LocalDistribution(8, downsample="max")
+    with pytest.raises(InputError, match="arrangement 'serial'"):
+        GALDBlock(8, arrangement="serial")
+    with pytest.raises(InputError, match="GA module 'ocr'"):
+        build_ga("ocr", 8, 8)
 
 
 def test_ld_with_zero_mask_reduces_to_x_g():
@@ -180,12 +224,13 @@ def test_gald_network_outputs_loss_and_gradients_on_odd_input():
     target = torch.randint(0, 5, (2, 33, 47))
     target[0, :4] = 255
     out = model(image)
+    assert set(out) == {"out", "aux"}                             # no 'maps' in training
     assert out["out"].shape == (2, 5, 33, 47) and out["aux"].shape == (2, 5, 33, 47)
-    mask = out["maps"]["ld_mask"]
-    assert mask.shape == (2, 1, 5, 6) and (mask >= 0).all() and (mask <= 1).all()
     losses = model.loss(out, target)
     assert set(losses) == {"main", "aux", "total"} and torch.isfinite(losses["total"])
-    torch.testing.assert_close(losses["total"], losses["main"] + 0.4 * losses["aux"])
+    # 2914 valid pixels < OHEM's min_kept = 100k: OHEM keeps all, i.e. mean CE over the valid ones
+    ce = lambda logits: F.cross_entropy(logits, target, ignore_index=255)
+    torch.testing.assert_close(losses["total"], ce(out["out"]) + 0.4 * ce(out["aux"]))
     losses["total"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"No gradient for {name}"
@@ -193,6 +238,8 @@ def test_gald_network_outputs_loss_and_gradients_on_odd_input():
     with torch.no_grad():
         out = model(image)
     assert set(out) == {"out", "maps"} and out["out"].shape == (2, 5, 33, 47)
+    mask = out["maps"]["ld_mask"]
+    assert mask.shape == (2, 1, 5, 6) and (mask >= 0).all() and (mask <= 1).all()
 
 
 def test_cli_defaults_are_the_papers_best_and_build_model():

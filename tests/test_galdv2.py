@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import common
 import galdv1
 import galdv2
+import train
 
 
 def ldv2_unfold(ld, x_g, x_l):
@@ -112,6 +113,13 @@ def test_no_sampled_feature_tensor_is_kept_for_backward():
     assert largest_saved_storage(lambda a, b: ldv2_unfold(ld, a, b), x_g, x_l) >= 2 * 8 * 25 * 9 * 10
 
 
+def test_bad_key_or_query_input_raises_input_error():
+    with pytest.raises(common.InputError, match="key_input must be concat or global, got 'local'"):
+        galdv2.DynamicLocalDistribution(4, key_input="local")
+    with pytest.raises(common.InputError, match="query_input must be concat or global, got 'X_l'"):
+        galdv2.DynamicLocalDistribution(4, query_input="X_l")
+
+
 def test_odd_sizes_and_maps_smaller_than_the_window():
     ld = galdv2.DynamicLocalDistribution(4, kernel_size=5, dilation=3, key_channels=2)
     out, aff = ld(torch.randn(1, 4, 3, 5), torch.randn(1, 4, 3, 5))   # the 13x13 span exceeds the map
@@ -154,14 +162,35 @@ def test_ld_switch_swaps_only_the_ld_module():
 @pytest.mark.parametrize("ld, maps", [("v2", {"affinity"}), ("v1", {"ld_mask"}), ("none", set())])
 def test_network_odd_size_outputs_and_maps(ld, maps):
     model = small_model(ld=ld, kernel_size=3, dilation=2, affinity_pixel=(0.0, 1.0)).train()
-    out = model(torch.randn(2, 3, 33, 47))
+    image = torch.randn(2, 3, 33, 47)
+    out = model(image)
+    assert set(out) == {"out", "aux"}                          # no 'maps' in training
     assert out["out"].shape == out["aux"].shape == (2, 5, 33, 47)
+    target = torch.randint(0, 5, (2, 33, 47))
+    target[1, :, :3] = 255
+    losses = model.loss(out, target)
+    # 3003 valid pixels < OHEM's min_kept = 100k: OHEM keeps all, i.e. mean CE over the valid ones
+    ce = lambda logits: F.cross_entropy(logits, target, ignore_index=255)
+    torch.testing.assert_close(losses["total"], ce(out["out"]) + 0.4 * ce(out["aux"]))
+    with torch.no_grad():
+        out = model.eval()(image)
+    assert set(out) == {"out"} | ({"maps"} if maps else set())
     assert set(out.get("maps", {})) == maps
     for m in out.get("maps", {}).values():
         assert m.shape == (2, 1, 5, 6) and 0 <= m.min() and m.max() <= 1
     if ld == "v2":                                             # top-right pixel: 4 of its 9 samples are inside
         assert (out["maps"]["affinity"] > 0).sum() == 2 * 4 and out["maps"]["affinity"][:, 0, 0, 5].gt(0).all()
-    target = torch.randint(0, 5, (2, 33, 47))
-    losses = model.loss(out, target)
-    torch.testing.assert_close(losses["total"], losses["main"] + 0.4 * losses["aux"])
-    assert "aux" not in model.eval()(torch.randn(1, 3, 33, 47))
+
+
+def test_cli_defaults_are_the_papers_and_build_model():
+    """train.py's parser with --method galdv2: ASPP + LDv2, k=5, r=3 (the text's choice for all
+    datasets), key and query from concat(X_g, X_l), OHEM on."""
+    args = train.parse_args(["--method", "galdv2", "--backbone", "resnet18"])
+    assert (args.ga, args.ld, args.ld_kernel, args.ld_dilation, args.key_input, args.query_input, args.ohem) == \
+        ("aspp", "v2", 5, 3, "concat", "concat", True)
+    args.num_classes = 3
+    model = galdv2.build_model(args)
+    assert isinstance(model.ga, galdv1.ASPP) and [b[0].dilation[0] for b in model.ga.branches[1:]] == [12, 24, 36]
+    ld = model.ld
+    assert isinstance(ld, galdv2.DynamicLocalDistribution) and model.ohem and model.aux_weight == 0.4
+    assert (ld.kernel_size, ld.dilation, ld.key_input, ld.query_input) == (5, 3, "concat", "concat")
