@@ -135,7 +135,7 @@ class DenoisedNLBlock(nn.Module):
         super().__init__()
         # NOTE(paper-gap): k = 3 (code; the paper only says k x k)
         if window_size < 1 or window_size % 2 == 0:
-            raise ValueError(f"window size must be odd and positive, got {window_size}")
+            raise InputError(f"--window-size must be odd and positive, got {window_size}")
         # NOTE(paper-gap): Q, K have C' = 64 = C/8 channels and no 1x1 conv has a bias (code).
         self.query = nn.Conv2d(channels, key_channels, 1, bias=False)
         self.key = nn.Conv2d(channels, key_channels, 1, bias=False)

@@ -305,5 +305,5 @@ def test_baseline_without_attention(backbone):
 
 
 def test_window_size_must_be_odd():
-    with pytest.raises(ValueError):
+    with pytest.raises(common.InputError):
         DenoisedNLBlock(8, 4, window_size=4)
