@@ -12,8 +12,8 @@ level filling what is left (Fuse, Sec. 3.3).
 
 Map from the code to the paper
     working_size, pyramid_ground_truth   Sec. 3.1 (input sizes, unity and semantic ground truth)
-    done_by_coarser, relabel             Sec. 3.2, Table 7 (naive / simple fix / true positive)
-    SpecializeFuse.loss                  Sec. 3.2, Eq. (1)
+    done_by_coarser                      Sec. 3.2, Table 7 (naive / simple fix / true positive)
+    SpecializeFuse.loss                  Sec. 3.2, Eq. (1) with the relabelled ground truth
     fuse                                 Sec. 3.3, Eq. (2), Table 8 (fuse / finest only)
     UnityHead                            Sec. 4.1, Fig. 2b
     pyramid_pool                         Sec. 4.2, Eqs. (6), (10): PyramidPool, bins (1, 3, 6, 8)
@@ -22,55 +22,30 @@ Map from the code to the paper
     SemanticHead                         Sec. 4.2, Eqs. (3)-(7), Fig. 2c, Table 6 (context switch)
     LightDecoder                         Sec. 5.1.2: ResNet stages fused at output stride 4, D = 720
     SpecializeFuse                       Fig. 2a: backbone + decoder + unity head + semantic head
-    level_counts                         Table 9 / Fig. 3: how many pixels each level decided
+    level_confusion, level_tables        Sec. 5.5: Table 9 (level l' on the pixels fused from l), Fig. 3
 
-forward(image) returns a dict
-    'out'      (B, K, H, W) logits at the image's size: the Eq. (2) fusion (or the finest level),
-               in training mode too
-    'semantic' list over levels, coarsest first, of (B, K, H'/s, W'/s) logits, (H', W') the
-               working size of Sec. 3.1 (the single output has the finest level only)
-    'unity'    list over the L-1 coarser levels of (B, H'/s, W'/s) unity logits (pyramidal only)
-    'level'    (B, H, W) int64, the level each pixel was taken from, 0 = coarsest (pyramidal only);
-               level_counts() turns it into the pixel shares of Table 9's grouping
-    'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w) unity probabilities
-               upsampled to the finest level} (Fig. 1; pyramidal only)
+Backbone: HRNet (HRNet48 rows of Tables 1-5, HRNet32 ablations of Tables 6-9) is not implemented;
+we build the ResNet101 of Sec. 5.1.2 (the ResNet101 rows of Tables 1-4) and run the ablations on it.
 
-Choices where the paper is silent (each marked NOTE(paper-gap) at its line)
-    - Decoder: a 1x1 conv + BN + ReLU per ResNet stage to 48/96/192/384 channels (the HRNet-W48 widths
-      that D = 720 matches), bilinear up to stride 4, concat (DECISIONS.md). No conv after the concat.
-    - L = 2 uses strides {32, 4} (Sec. 5.4), so Eq. (3)'s pooling factor is s_l / s_L (= 2^(L-l) for
-      L = 4); a cell then has 64 children instead of 4.
-    - Inputs whose sides are not multiples of 32 are resized to the nearest multiples (Sec. 3.1), the
-      label map with nearest neighbour for the loss, and the logits are resized back.
-    - A cell is a unity cell when all its non-ignored pixels share one label; an all-ignored cell is
-      ignored in both losses (DECISIONS.md).
-    - The finest level: Sec. 3.1 ignores every mix cell, but Sec. 3.2 says the finest cells are all
-      "assumed to be unity-cells". By default its logits are upsampled and trained per pixel (pixels of
-      cells done by coarser ignored), as HRNet-OCR's protocol trains its stride-4 output and as the
-      single output is trained; finest_target='cells' ignores the finest mix cells instead, so thin
-      structures (< 4 px) are never supervised (on CamVid at 240x180, 9% of Pole pixels lie in a
-      unity 4x4 cell).
-    - Relabelling keeps the paper's "true positive" literally: the ancestor is a ground-truth unity
-      cell predicted unity (>= tau); its predicted class is not checked (DECISIONS.md).
-    - The 1x1 convs the paper names without BN/ReLU are plain convs with bias. Attention (Eq. 8) is
-      scaled dot-product attention [22] with D_s/2 query/key channels and D_s value channels.
-    - CU runs for l = 1..L-1 only: theta^(L) would feed nothing.
-    - "ANL" (Table 6) is one ANL block appended to the backbone feature X (D channels); "ANL-multi" one
-      per level on X^(l). Both are written as our CA with theta = PyramidPool of the block's own input,
-      which is ANL's asymmetric pyramid sampling of keys and values (ANL's own block also puts BN +
-      ReLU in its key/query conv, a 1x1 conv on the attention output and dropout: left out to keep
-      one attention block in the file). A single output with "anl-multi" has one ANL on its level.
-    - Single output (Table 6, first row): the finest level only, trained with pixel-level CE on the
-      upsampled logits. With context "ours" the whole feature pyramid is still refined coarse to fine
-      and only ConvBlock^(L) predicts (the supplementary that details this is not available to us).
-    - Up(.) in Eq. (2) is nearest (cells); the fused stride-4 logits reach pixels bilinearly.
-    - BCE is unweighted, each term of Eq. (1) a mean over non-ignored cells.
+forward(image) returns a dict ((H', W') the working size of Sec. 3.1, levels coarsest first)
+    'out'      (B, K, H, W) logits: the Eq. (2) fusion (or the finest level), in training mode too
+    'semantic' list of (B, K, H'/s, W'/s) logits per level (the single output: the finest only)
+    'unity'    list of (B, H'/s, W'/s) unity logits of the L-1 coarser levels (pyramidal only)
+    'level'    (B, H, W) int64, the level each pixel was taken from, 0 = coarsest (eval mode, pyramidal)
+    'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w) unity probabilities at
+               the finest level} (Fig. 1; eval mode, pyramidal)
+
+Where the paper is silent the line says NOTE(paper-gap); the light decoder follows DECISIONS.md.
+
+Table 9 and Fig. 3 of a trained checkpoint on --val-split (train.py's flags; whole images, one scale):
+    python specialize_fuse.py --dataset ade20k --data-root PATH --backbone resnet101 --checkpoint OUT/best.pt
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import IGNORE_INDEX, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize
+from common import (IGNORE_INDEX, InputError, SegModel, build_backbone, build_datasets, confusion_matrix, conv_bn_relu,
+                    cross_entropy, resize, segmentation_metrics)
 
 STRIDES = {2: (32, 4), 4: (32, 16, 8, 4)}      # cell sizes s_l, coarsest level first (Sec. 5.1.3, 5.4)
 PYRAMID_BINS = (1, 3, 6, 8)                    # PyramidPool output sizes (Sec. 4.2)
@@ -87,7 +62,7 @@ def min_pool(x, factor):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sec. 3.1: pyramid geometry and pyramidal ground truth
+# Sec. 3: pyramidal ground truth (3.1), Specialize by relabelling (3.2, Table 7), Fuse (3.3, Table 8)
 
 
 def working_size(size, coarsest_stride):
@@ -103,6 +78,7 @@ def pyramid_ground_truth(target, strides):
     ignore in both. Returns two lists over all L levels, coarsest first, of (B, H/s, W/s) int64 (the
     finest unity level is never predicted, Sec. 3.2, but done_by_coarser reads the coarser ones).
     """
+    # NOTE(paper-gap): ignore pixels do not break unity; an all-ignored cell is ignored (DECISIONS.md)
     valid = target != IGNORE_INDEX
     label = target.float().unsqueeze(1)                                       # (B, 1, H, W)
     high = torch.where(valid.unsqueeze(1), label, torch.full_like(label, -1))
@@ -118,10 +94,6 @@ def pyramid_ground_truth(target, strides):
     return semantic, unity
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 3.2: Specialize, on-the-fly relabelling of cells "done by coarser" (Table 7)
-
-
 def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9):
     """The cells "done by coarser" (Sec. 3.2): one (B, H/s, W/s) bool mask per level, coarsest first.
 
@@ -134,21 +106,15 @@ def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9)
     for l in range(1, len(strides)):
         settled = unity[l - 1] == 1                                         # (B, H/s_(l-1), W/s_(l-1))
         if policy == "true-positive":
+            # NOTE(paper-gap): "correctly classified as unity-cells" is read as unity only; the
+            # ancestor's predicted class is not checked (DECISIONS.md)
             settled = settled & (unity_prob[l - 1] >= tau)
         elif policy == "naive":
+            # NOTE(paper-gap): 'naive' = the Sec. 3.1 pyramids, mix cells ignored (Sec. 3.2 "with their
+            # ground-truth counterparts"), not Sec. 5.4's "full semantic segmentation map" at every level
             settled = torch.zeros_like(settled)
         done.append(nearest_up(done[-1] | settled, strides[l - 1] // strides[l]))   # (B, H/s_l, W/s_l)
     return done
-
-
-def relabel(semantic, unity, done):
-    """Set the cells done by coarser to ignore in both ground-truth pyramids (Sec. 3.2, Table 7)."""
-    return ([y.masked_fill(d, IGNORE_INDEX) for y, d in zip(semantic, done)],
-            [u.masked_fill(d, IGNORE_INDEX) for u, d in zip(unity, done)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Sec. 3.3: Fuse, coarse to fine (Table 8)
 
 
 def fuse(semantic, unity_prob, strides, tau=0.9):
@@ -163,6 +129,7 @@ def fuse(semantic, unity_prob, strides, tau=0.9):
     fused = torch.zeros_like(finest)                                          # (B, K, h, w)
     level = torch.full_like(finest[:, 0], len(strides) - 1, dtype=torch.long)  # (B, h, w)
     remaining = torch.ones_like(level, dtype=torch.bool)                      # prod_k 1[Up(U^k) < tau]
+    # NOTE(paper-gap): Up(.) is nearest, a cell's value to all its pixels; 'out' then resizes bilinearly
     for l, (logits, stride) in enumerate(zip(semantic, strides)):
         factor = stride // strides[-1]
         unity = nearest_up(unity_prob[l], factor) >= tau if l < len(unity_prob) else remaining
@@ -175,7 +142,7 @@ def fuse(semantic, unity_prob, strides, tau=0.9):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sec. 4.1: unity head
+# Sec. 4: unity head (4.1), semantic head with the coarse-to-fine contextual module (4.2)
 
 
 class UnityHead(nn.Module):
@@ -208,13 +175,10 @@ class UnityHead(nn.Module):
         return unity
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 4.2: semantic head with the coarse-to-fine contextual module
-
-
 def pyramid_pool(x, bins=PYRAMID_BINS):
     """PyramidPool (Eqs. 6, 10): average-pool (B, C, h, w) to 1x1, 3x3, 6x6, 8x8 and flatten the cells
     into S = 110 context tokens, kept as (B, C, S, 1) so 1x1 convs and BN apply unchanged."""
+    # NOTE(paper-gap): average pooling ([15] and Eq. 6 do not say; ANL's pyramid sampling [34] averages)
     return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], 2).unsqueeze(-1)
 
 
@@ -267,13 +231,17 @@ class SemanticHead(nn.Module):
     def __init__(self, in_channels, num_classes, *, channels=512, strides=STRIDES[4], context="ours",
                  pyramidal=True):
         super().__init__()
-        # a single output without our module never needs the coarser levels
+        # NOTE(paper-gap): a single output with context 'ours' still refines every level coarse to fine
+        # and predicts with ConvBlock^(L) only (its supplementary is not available to us); without our
+        # module it never needs the coarser levels
         self.strides = strides if pyramidal or context == "ours" else strides[-1:]
         self.context = context
         levels = len(self.strides)
         # NOTE(paper-gap): the projection D -> D_s is a plain 1x1 conv with bias (Sec. 4.2 names no BN/ReLU)
         self.project = nn.Conv2d(in_channels, channels, 1)
         if context in ("anl-multi", "ours"):
+            # NOTE(paper-gap): "ANL-multi" = one ANL per level, written as our CA attending to PyramidPool of
+            # its own level (ANL's asymmetric sampling; ANL's extra BN/ReLU, output conv, dropout left out)
             self.aggregate = nn.ModuleList(ContextAggregation(channels) for _ in range(levels))
         if context == "ours":
             # NOTE(paper-gap): no CU at the finest level, theta^(L) would feed nothing
@@ -285,6 +253,7 @@ class SemanticHead(nn.Module):
     def forward(self, x):
         x = self.project(x)                                    # X^(L) (B, Ds, h, w)
         finest = self.strides[-1]
+        # NOTE(paper-gap): Eq. (3) pools by s_l / s_L (= 2^(L-l) for L = 4), so L = 2 pools by 8
         features = [F.avg_pool2d(x, s // finest) for s in self.strides]   # Eq. (3): X^(l) (B, Ds, h*sL/s, w*sL/s)
         if self.context == "anl-multi":
             features = [ca(f, pyramid_pool(f)) for ca, f in zip(self.aggregate, features)]
@@ -311,10 +280,10 @@ class LightDecoder(nn.Module):
     """The four ResNet stages fused at stride 4 as HRNet's final representation [23] (Sec. 5.1.2).
 
     NOTE(paper-gap): 1x1 conv + BN + ReLU per stage to 48/96/192/384 channels, bilinear up, concat to
-    D = 720, the HRNet-W48 widths that the paper's D = 720 matches (DECISIONS.md).
+    D = 720, the HRNet-W48 widths that the paper's D = 720 matches, no conv after the concat (DECISIONS.md).
     """
 
-    def __init__(self, in_channels, channels=(48, 96, 192, 384)):
+    def __init__(self, in_channels, *, channels=(48, 96, 192, 384)):
         super().__init__()
         self.lateral = nn.ModuleList(conv_bn_relu(i, o, 1) for i, o in zip(in_channels, channels))
 
@@ -329,6 +298,7 @@ class LightDecoder(nn.Module):
 
 def unity_bce(logits, target):
     """Mean binary cross-entropy (fp32) over the cells whose unity target is not ignore."""
+    # NOTE(paper-gap): BCE unweighted (no positive/negative balancing named in Eq. 1)
     valid = target != IGNORE_INDEX
     loss = F.binary_cross_entropy_with_logits(logits.float(), (target == 1).float(), reduction="none")
     return (loss * valid).sum() / valid.sum().clamp(min=1)
@@ -357,7 +327,7 @@ class SpecializeFuse(SegModel):
         self.backbone = backbone
         self.strides = STRIDES[levels]
         self.relabel_policy, self.inference, self.tau, self.finest_target = relabel, inference, tau, finest_target
-        self.decoder = LightDecoder(backbone.channels, decoder_channels)
+        self.decoder = LightDecoder(backbone.channels, channels=decoder_channels)
         dim = sum(decoder_channels)                            # D = 720
         # NOTE(paper-gap): Table 6 "ANL" = one ANL block appended to the backbone feature X (D channels)
         self.anl = ContextAggregation(dim) if context == "anl" else None
@@ -367,7 +337,7 @@ class SpecializeFuse(SegModel):
         self.unity_head = UnityHead(dim, channels=unity_channels, strides=self.strides) if pyramidal else None
 
     def forward(self, image):
-        B, _, H, W = image.shape
+        H, W = image.shape[-2:]
         x = resize(image, working_size((H, W), self.strides[0]))   # Sec. 3.1: sides divisible by s_1
         x = self.decoder(self.backbone(x))                     # X (B, D, h, w), h = H'/4
         if self.anl is not None:
@@ -376,55 +346,106 @@ class SpecializeFuse(SegModel):
         if self.unity_head is None:                            # single (standard) output
             return {"out": resize(semantic[-1], (H, W)), "semantic": semantic}
         unity = self.unity_head(x)                             # [(B, H'/s, W'/s)] for the L-1 coarser levels
-        if self.inference == "fuse":
-            fused, level = fuse(semantic, [u.float().sigmoid() for u in unity], self.strides, self.tau)
-        else:                                                  # Table 8 "aux. supervision": finest level only
-            fused = semantic[-1]
-            level = torch.full_like(fused[:, 0], len(self.strides) - 1, dtype=torch.long)
-        return {"out": resize(fused, (H, W)), "semantic": semantic, "unity": unity,
-                "level": resize(level.unsqueeze(1).float(), (H, W), "nearest")[:, 0].long(),  # (B, H, W)
-                "maps": self.heat_maps(unity, level)}
-
-    def heat_maps(self, unity, level):
-        """Fig. 1: the level each finest cell was taken from, level / (L-1), and each level's unity
-        probability upsampled to the finest level."""
-        finest = self.strides[-1]
-        prob = [nearest_up(u.detach().float().sigmoid(), s // finest) for u, s in zip(unity, self.strides)]
-        return {"level": level.unsqueeze(1).float() / (len(self.strides) - 1),   # (B, 1, h, w)
-                "unity": torch.stack(prob, 1)}                                    # (B, L-1, h, w)
+        prob = [u.detach().float().sigmoid() for u in unity]   # U^(l), only compared with tau
+        tau = self.tau if self.inference == "fuse" else float("inf")   # Table 8 "aux. supervision": finest only
+        fused, level = fuse(semantic, prob, self.strides, tau)          # (B, K, h, w), (B, h, w)
+        outputs = {"out": resize(fused, (H, W)), "semantic": semantic, "unity": unity}
+        if not self.training:                                  # for the analysis (Fig. 1, Table 9) only
+            outputs["level"] = resize(level.unsqueeze(1).float(), (H, W), "nearest")[:, 0].long()  # (B, H, W)
+            up = [nearest_up(p, s // self.strides[-1]) for p, s in zip(prob, self.strides)]   # to the finest level
+            outputs["maps"] = {"level": level.unsqueeze(1).float() / (len(self.strides) - 1),  # (B, 1, h, w) Fig. 1
+                               "unity": torch.stack(up, 1)}                                     # (B, L-1, h, w)
+        return outputs
 
     def loss(self, outputs, target):
-        if self.unity_head is None:                            # the standard per-pixel loss
-            ce = cross_entropy(outputs["out"], target)
-            return {"semantic": ce, "total": ce}
-        semantic, unity = list(outputs["semantic"]), outputs["unity"]
-        size = [n * self.strides[-1] for n in semantic[-1].shape[-2:]]
-        # NOTE(paper-gap): the label map follows the resized image (Sec. 3.1) with nearest neighbour
+        semantic = list(outputs["semantic"])
+        size = [n * self.strides[-1] for n in semantic[-1].shape[-2:]]           # (H', W')
+        # NOTE(paper-gap): the label map follows the resized image (Sec. 3.1) with nearest neighbour; every
+        # per-pixel CE (the single output's, the finest level's) is taken at this working size
         target = resize(target.unsqueeze(1).float(), size, "nearest")[:, 0].long()   # (B, H', W')
+        if self.unity_head is None:                            # the standard per-pixel loss
+            ce = cross_entropy(resize(semantic[-1], size), target)
+            return {"semantic": ce, "total": ce}
         semantic_gt, unity_gt = pyramid_ground_truth(target, self.strides)
-        prob = [u.detach().float().sigmoid() for u in unity]
+        prob = [u.detach().float().sigmoid() for u in outputs["unity"]]
         done = done_by_coarser(unity_gt, prob, self.strides, self.relabel_policy, self.tau)
-        semantic_gt, unity_gt = relabel(semantic_gt, unity_gt, done)
+        # Sec. 3.2: Y_relabeled, U_relabeled: the cells done by coarser are ignored in both pyramids
+        semantic_gt = [y.masked_fill(d, IGNORE_INDEX) for y, d in zip(semantic_gt, done)]
+        unity_gt = [u.masked_fill(d, IGNORE_INDEX) for u, d in zip(unity_gt[:-1], done)]
         if self.finest_target == "pixels":
             # NOTE(paper-gap): "all cells in the finest level are assumed to be unity-cells" (Sec. 3.2):
             # its logits are trained per pixel, as the stride-4 output of HRNet-OCR's protocol (Sec. 5.1.1),
-            # so pixels of finest mix cells (boundaries, thin things) keep their labels
+            # so pixels of finest mix cells (boundaries, thin things) keep their labels; 'cells' ignores those
+            # cells as Sec. 3.1 does, never supervising structures thinner than 4 px
             semantic[-1] = resize(semantic[-1], size)                                   # (B, K, H', W')
             semantic_gt[-1] = target.masked_fill(nearest_up(done[-1], self.strides[-1]), IGNORE_INDEX)
         L = len(self.strides)
         # Eq. (1): mean CE over the L semantic levels + mean BCE over the L-1 unity levels
         ce = sum(cross_entropy(y, t) for y, t in zip(semantic, semantic_gt)) / L
-        bce = sum(unity_bce(u, t) for u, t in zip(unity, unity_gt[:-1])) / (L - 1)
+        bce = sum(unity_bce(u, t) for u, t in zip(outputs["unity"], unity_gt)) / (L - 1)
         return {"semantic": ce, "unity": bce, "total": ce + bce}
 
 
-def level_counts(level, num_levels, target=None):
-    """Pixels each level decided (the grouping of Table 9): (L,) int64 counts of outputs['level'],
-    restricted to the non-ignored pixels of `target` (B, H, W) when given. Sum over a split, then
-    divide by the total for the shares."""
-    if target is not None:
-        level = level[target != IGNORE_INDEX]
-    return torch.bincount(level.flatten(), minlength=num_levels)
+# ----------------------------------------------------------------------------------------------
+# Sec. 5.5: does each level specialise? (Table 9, Fig. 3)
+
+
+def level_confusion(outputs, target, num_classes):
+    """(L, L, K, K) int64: [l, l'] is the confusion matrix (rows ground truth) of level l''s semantic
+    prediction (argmax, nearest to pixels) over the pixels of `target` (B, H, W) that the fusion took
+    from level l (outputs['level'], eval mode). Ignore pixels are skipped. Sum it over a split."""
+    semantic, level = outputs["semantic"], outputs["level"]                     # level (B, H, W)
+    L, finest = len(semantic), semantic[-1].shape[-1]
+    confusion = target.new_zeros(L, L, num_classes, num_classes)
+    for l_sem, logits in enumerate(semantic):
+        pred = nearest_up(logits.argmax(1), finest // logits.shape[-1])         # (B, h, w) finest cells
+        pred = resize(pred.unsqueeze(1).float(), target.shape[-2:], "nearest")[:, 0].long()   # (B, H, W)
+        for l in range(L):
+            group = level == l
+            confusion[l, l_sem] = confusion_matrix(pred[group], target[group], num_classes)
+    return confusion
+
+
+def level_tables(confusion, class_names=None):
+    """Table 9: mIoU[l'][l] of level l' on the pixels taken from level l, and each group's share of
+    the pixels (%). Fig. 3: per-class IoU of each level l' over all pixels, and of the fused
+    prediction (the diagonal blocks [l, l]). Percentages; NaN / None where a class or group is empty."""
+    L = len(confusion)
+    table9 = [[segmentation_metrics(confusion[l, l_sem])["mIoU"] for l in range(L)] for l_sem in range(L)]
+    share = [100 * confusion[l, 0].sum().item() / max(confusion[:, 0].sum().item(), 1) for l in range(L)]
+    per_level = [segmentation_metrics(confusion[:, l_sem].sum(0), class_names)["IoU"] for l_sem in range(L)]
+    fused = segmentation_metrics(sum(confusion[l, l] for l in range(L)), class_names)["IoU"]
+    return table9, share, per_level, fused
+
+
+def markdown_tables(table9, share, per_level, fused):
+    """Table 9 (rows l', columns l) and Fig. 3 (per class: the fused IoU, then each level's IoU minus
+    it) as Markdown, levels numbered as the paper (1 = coarsest) and listed finest first."""
+    levels = list(reversed(range(len(table9))))
+    fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
+    row = lambda cells: "| " + " | ".join(cells) + " |"
+    lines = ["Table 9: mIoU of semantic level l' (rows) on the pixels fused from level l (columns)", "",
+             row(["l' \\ l"] + [str(l + 1) for l in levels]), row(["---"] * (len(levels) + 1))]
+    lines += [row([str(r + 1)] + [fmt(table9[r][l]) for l in levels]) for r in levels]
+    lines += [row(["pixels (%)"] + [fmt(share[l]) for l in levels]), "",
+              "Fig. 3: per-class IoU of the fused output, and of each level l' minus it", "",
+              row(["class", "fused"] + [f"l'={r + 1}" for r in levels]), row(["---"] * (len(levels) + 2))]
+    for name, iou in fused.items():
+        deltas = [None if iou is None or per_level[r][name] is None else per_level[r][name] - iou for r in levels]
+        lines.append(row([name, fmt(iou)] + [fmt(d) for d in deltas]))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def level_analysis(model, dataset, device):
+    """level_confusion summed over `dataset` (eval items), one whole image at a time, one scale."""
+    model.eval()
+    confusion = 0
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        outputs = model(image[None].to(device))
+        confusion = confusion + level_confusion(outputs, label[None].to(device), dataset.num_classes)
+    return confusion
 
 
 def add_args(parser):
@@ -432,21 +453,16 @@ def add_args(parser):
     group.add_argument("--output-format", choices=("pyramidal", "single"), default="pyramidal",
                        help="pyramidal output (ours) or the standard single finest-level output (Table 6 rows)")
     group.add_argument("--context", choices=("ours", "anl", "anl-multi", "none"), default="ours",
-                       help="contextual module: our coarse-to-fine CA/CU, one ANL on the backbone, "
-                            "one ANL per pyramid level, or none (Table 6 columns)")
+                       help="coarse-to-fine CA/CU, one ANL on the backbone, one ANL per level, none (Table 6)")
     group.add_argument("--relabel", choices=("true-positive", "simple", "naive"), default="true-positive",
-                       help="cells ignored as 'done by coarser': descendants of true-positive unity cells "
-                            "(ours), of every ground-truth unity cell (simple fix), or none (naive) (Table 7)")
+                       help="ignore descendants of true-positive (ours) / all ground-truth / no unity cells (Table 7)")
     group.add_argument("--inference", choices=("fuse", "finest"), default="fuse",
-                       help="fuse the pyramids by Eq. (2), or use the finest level only, i.e. the coarser "
-                            "levels as auxiliary supervision (Table 8)")
+                       help="fuse the pyramids by Eq. (2), or the finest level only (Table 8)")
     group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=4,
                        help="L: 4 levels of strides {32,16,8,4} or 2 of strides {32,4} (Sec. 5.4)")
-    group.add_argument("--tau", type=float, default=0.9,
-                       help="unity threshold tau of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3)")
+    group.add_argument("--tau", type=float, default=0.9, help="unity threshold of Eq. (2) and relabelling (Sec. 5.1.3)")
     group.add_argument("--finest-target", choices=("pixels", "cells"), default="pixels",
-                       help="supervise the finest level per pixel (its cells 'assumed to be unity-cells', "
-                            "Sec. 3.2) or per 4x4 cell with mix cells ignored (Sec. 3.1 read literally)")
+                       help="supervise the finest level per pixel, or per 4x4 cell with mix cells ignored")
     group.add_argument("--unity-channels", type=int, default=64, help="D_u of the unity head (Sec. 5.1.3)")
     group.add_argument("--semantic-channels", type=int, default=512, help="D_s of the semantic head (Sec. 5.1.3)")
 
@@ -458,3 +474,27 @@ def build_model(args):
                           inference=args.inference, levels=args.pyramid_levels, tau=args.tau,
                           finest_target=args.finest_target,
                           unity_channels=args.unity_channels, semantic_channels=args.semantic_channels)
+
+
+def print_level_analysis(argv):
+    """python specialize_fuse.py [train.py flags] --checkpoint PATH: Table 9 and Fig. 3 on --val-split."""
+    import train                               # its flags, device and weight loading (it imports this file)
+    args = train.parse_args(["--method", "specialize_fuse", *argv])
+    if not args.checkpoint or args.output_format != "pyramidal":
+        raise InputError("specialize_fuse.py analyses a trained pyramidal model: give --checkpoint")
+    _, dataset = build_datasets(args)
+    args.num_classes = dataset.num_classes
+    _, _, device = train.setup_distributed(args.device)
+    model = build_model(args).to(device)
+    train.load_weights(model, args.checkpoint)
+    with train.autocast(args, device):
+        confusion = level_analysis(model, dataset, device)
+    print(markdown_tables(*level_tables(confusion.cpu(), dataset.class_names)))
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        print_level_analysis(sys.argv[1:])
+    except InputError as e:
+        sys.exit(f"error: {e}")
