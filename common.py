@@ -131,7 +131,8 @@ def stage_strides_and_dilations(output_stride):
 
 
 class ResNet(nn.Module):
-    """Dilated ResNet-18/34/50/101 returning the four stage outputs (strides 4, 8, os, os).
+    """Dilated ResNet-18/34/50/101 returning the four stage outputs, at strides 4, 8, min(16, os) and
+    os of the output stride os (8: 4, 8, 8, 8; 16: 4, 8, 16, 16; 32: 4, 8, 16, 32).
 
     stem='tv': 7x7 conv (torchvision keys conv1, bn1). stem='deep': three 3x3 convs 3->64->64->128
     (CSAIL keys conv1, bn1, conv2, bn2, conv3, bn3), as the GALD / Denoised NL / PSPNet line uses.
@@ -322,10 +323,11 @@ def segmentation_metrics(cm, class_names=None):
 
 
 def poly_lr(base_lr, iteration, max_iters, power=0.9, warmup_iters=0):
-    """lr = base * (1 - it/max_it) ** power, after an optional linear warm-up from base/warmup."""
-    if iteration < warmup_iters:
-        return base_lr * (iteration + 1) / warmup_iters
-    return base_lr * (1 - iteration / max_iters) ** power
+    """lr = base * (1 - it/max_it) ** power, times a linear warm-up factor (it + 1) / warmup_iters
+    during the first warmup_iters iterations: composed as mmseg does, so the lr does not jump when
+    the warm-up ends."""
+    warmup = (iteration + 1) / warmup_iters if iteration < warmup_iters else 1.0
+    return base_lr * (1 - iteration / max_iters) ** power * warmup
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,9 +363,17 @@ class SegModel(nn.Module):
         return (prob / len(views)).clamp(min=1e-12).log()
 
 
+def check_window(crop, stride):
+    """Sliding windows cover every pixel only if 0 < stride <= crop."""
+    if not 0 < stride <= crop:
+        raise InputError(f"--eval-stride {stride} must be between 1 and --eval-crop ({crop}): a larger "
+                         f"stride leaves pixels between the sliding windows without a prediction")
+
+
 def slide_inference(predict_fn, image, crop, stride):
     """Sliding window as mmseg: windows of `crop` every `stride`, clamped to the image, logits of
     overlapping windows averaged. predict_fn maps a (B, 3, h, w) crop to (B, K, h, w) logits."""
+    check_window(crop, stride)
     B, _, H, W = image.shape
     ch, cw = min(crop, H), min(crop, W)
     rows = max(H - ch + stride - 1, 0) // stride + 1
@@ -381,12 +391,34 @@ def slide_inference(predict_fn, image, crop, stride):
     return total / count
 
 
+def multiscale_slide_inference(model, image, crop, stride, scales=(1.0,), flip=False):
+    """The multi-scale crop test (mmseg aug_test; DANet / CCNet / GALD predict_multiscale): for each
+    scale the whole image is resized, crop x crop windows slide over it (each window through
+    model.predict at its own size, with its flipped view if flip), the logits are resized back to
+    the image's size, and several scales average their softmax probabilities (the log returned)."""
+    size, prob = image.shape[-2:], 0
+    predict_fn = lambda x: model.predict(x, scales=(1.0,), flip=flip)
+    for scale in scales:
+        logits = slide_inference(predict_fn, resize(image, scaled_size(size, scale)), crop, stride)
+        logits = resize(logits, size)                          # (B, K, H, W)
+        if len(scales) == 1:
+            return logits
+        prob = prob + logits.softmax(1)
+    return (prob / len(scales)).clamp(min=1e-12).log()
+
+
 @torch.no_grad()
 def infer(model, image, out_size, mode="whole", crop=512, stride=341, scales=(1.0,), flip=False):
-    """Logits at the label's resolution `out_size`, whole image or sliding window; each window (or
-    the whole image) goes through model.predict, which handles scales and flip."""
-    predict_fn = lambda x: model.predict(x, scales=scales, flip=flip)
-    logits = slide_inference(predict_fn, image, crop, stride) if mode == "slide" else predict_fn(image)
+    """Logits at the label's resolution `out_size`.
+    whole: model.predict(image, scales, flip) takes the whole image and handles scales and flip
+           itself (the default averages softmax over the views; HMSA chains its scales, Eq. 1).
+    slide: scales outside the windows (multiscale_slide_inference): the network only ever sees
+           windows of at most crop x crop, whatever the scale; each window is predicted at one
+           scale, so a model's own scale fusion (HMSA) does not apply, its scales are averaged."""
+    if mode == "slide":
+        logits = multiscale_slide_inference(model, image, crop, stride, scales, flip)
+    else:
+        logits = model.predict(image, scales=scales, flip=flip)
     return resize(logits.float(), out_size)
 
 
@@ -651,23 +683,24 @@ class SegDataset(torch.utils.data.Dataset):
     def load(self, index):
         """(PIL RGB image, uint8 label array of train ids), validated."""
         image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
-        label = np.asarray(read_image(label_path, mode=None))
-        if label.ndim != 2:
-            raise InputError(f"label {label_path} is not a single-channel image (shape {label.shape})")
-        if self.lut is not None:
-            label = self.lut[label]
+        image, label = read_image(image_path), self.load_label(index)
         if image.size != (label.shape[1], label.shape[0]):
             raise InputError(f"image {image_path} is {image.size[0]}x{image.size[1]} but its label "
                              f"{label_path} is {label.shape[1]}x{label.shape[0]}")
-        check_label_values(label, self.num_classes, label_path)
         return image, label
 
     def load_label(self, index):
-        """The label alone (train ids), for indexing class positions."""
-        label = np.asarray(read_image(self.pairs[index][1], mode=None))
-        label = label if self.lut is None else self.lut[label]
-        check_label_values(label, self.num_classes, self.pairs[index][1])
+        """The label alone in train ids (raw values through the LUT), validated."""
+        path = self.pairs[index][1]
+        label = np.asarray(read_image(path, mode=None))
+        if label.ndim != 2:
+            raise InputError(f"label {path} is not a single-channel image (shape {label.shape})")
+        if self.lut is not None:
+            beyond = (label < 0) | (label >= len(self.lut))    # e.g. a 16-bit PNG's values past the table
+            if beyond.any():
+                raise label_values_error(np.unique(label[beyond]), self.num_classes, path)
+            label = self.lut[label]
+        check_label_values(label, self.num_classes, path)
         return label
 
     def __getitem__(self, item):
@@ -689,11 +722,15 @@ def read_image(path, mode="RGB"):
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
+def label_values_error(bad, num_classes, where):
+    return InputError(f"label {where} has values {bad.tolist()} outside the {num_classes} classes "
+                      f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+
+
 def check_label_values(label, num_classes, where):
     bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
     if bad.size:
-        raise InputError(f"label {where} has values {bad.tolist()} outside the {num_classes} classes "
-                         f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+        raise label_values_error(bad, num_classes, where)
 
 
 def lut_from_pairs(mapping):
@@ -971,11 +1008,13 @@ class MixedDataset(torch.utils.data.Dataset):
         return self.extra[(index - len(self.main), seed, center)]
 
 
-def class_centroids(dataset, tile=1024, progress=True):
-    """HMSA Sec. 5.1 class-uniform index: for every tile x tile tile of every label and every class in
-    it, the centroid (y, x) of that class's pixels. Returns one list of [image, y, x] per class."""
+def class_centroids(dataset, tile=1024, progress=True, images=None):
+    """HMSA Sec. 5.1 class-uniform index: for every tile x tile tile of every label (of `images`,
+    default all) and every class in it, the centroid (y, x) of that class's pixels. Returns one list
+    of [image, y, x] per class, by image."""
+    images = range(len(dataset)) if images is None else images
     index = [[] for _ in range(dataset.num_classes)]
-    for i in range(len(dataset)):
+    for done, i in enumerate(images, 1):
         label = dataset.load_label(i)
         for top in range(0, label.shape[0], tile):
             for left in range(0, label.shape[1], tile):
@@ -983,9 +1022,15 @@ def class_centroids(dataset, tile=1024, progress=True):
                 for cls in np.unique(part[part != IGNORE_INDEX]):
                     ys, xs = np.nonzero(part == cls)
                     index[cls].append([i, top + int(ys.mean()), left + int(xs.mean())])
-        if progress and ((i + 1) % 100 == 0 or i + 1 == len(dataset)):
-            print(f"class-uniform index: {i + 1}/{len(dataset)} labels", flush=True)
+        if progress and (done % 100 == 0 or done == len(images)):
+            print(f"class-uniform index: {done}/{len(images)} labels", flush=True)
     return index
+
+
+def merge_centroids(shards):
+    """One index from class_centroids of disjoint image sets (DDP shards): the same lists, in the
+    same order, as one class_centroids over all of them (a stable sort by image keeps tile order)."""
+    return [sorted((c for shard in shards for c in shard[k]), key=lambda c: c[0]) for k in range(len(shards[0]))]
 
 
 class TrainSampler(torch.utils.data.Sampler):
@@ -1039,6 +1084,8 @@ class TrainSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------
 # Boundary F-score (GALDv2 Table V, the GSCNN protocol) and images of labels and maps
 
+BOUNDARY_TOLERANCES = (3, 5, 9, 12)                            # pixels (GSCNN; --boundary-f)
+
 
 def boundaries(masks):
     """(K, H, W) bool -> (K, H, W) bool: pixels whose right, lower or lower-right neighbour differs
@@ -1059,7 +1106,7 @@ def within(edge, tolerance):
     return F.conv2d(edge.float()[:, None], disk, padding=tolerance)[:, 0] > 0
 
 
-def boundary_f_counts(pred, label, num_classes, tolerances=(3, 5, 9, 12)):
+def boundary_f_counts(pred, label, num_classes, tolerances=BOUNDARY_TOLERANCES):
     """Per tolerance and class: [predicted boundary pixels, of them within tolerance of the true
     boundary, true boundary pixels, of them within tolerance of the predicted one] -> (T, K, 4).
     Both masks are cleared under ignored pixels first (as GSCNN), so the border of an ignored region
@@ -1076,7 +1123,7 @@ def boundary_f_counts(pred, label, num_classes, tolerances=(3, 5, 9, 12)):
     return torch.stack(counts)
 
 
-def boundary_f_scores(counts, tolerances=(3, 5, 9, 12), class_names=None):
+def boundary_f_scores(counts, tolerances=BOUNDARY_TOLERANCES, class_names=None):
     """F1 of boundary precision and recall per class (percent), and their mean over classes that have
     a boundary in the ground truth or the prediction, for each tolerance in pixels."""
     names = class_names or [str(i) for i in range(counts.shape[1])]

@@ -13,7 +13,9 @@ summary.json (last evaluation), last.pt and best.pt (written atomically; --resum
 turn in this one process (DDP too) and writes OUT/comparison.md beside the run folders OUT/METHOD.
 """
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -145,7 +147,20 @@ def parse_args(argv=None):
     args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
     name = "compare" if args.compare_methods else args.method
     args.out = args.out or os.path.join("runs", f"{name}_{args.dataset}")
+    check_flags(args)
     return args
+
+
+def check_flags(args):
+    """Flag combinations that cannot work, refused before any data or model is touched."""
+    if args.eval_only and not args.checkpoint:
+        raise common.InputError("--eval-only needs --checkpoint (the trained model)")
+    if args.predict and not args.checkpoint:
+        raise common.InputError("--predict needs --checkpoint (the trained model)")
+    if args.predict and args.label_ids and args.dataset != "cityscapes":
+        raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
+    if args.eval_mode == "slide":
+        common.check_window(args.eval_crop, args.eval_stride)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +183,12 @@ def setup_distributed(device_arg):
 
 
 def save_checkpoint(path, model, optimizer, scaler, iteration, best_miou, args):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. The
+    CUDA RNG state is that of the model's GPU (None on CPU)."""
+    device = next(model.parameters()).device
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "iteration": iteration, "best_miou": best_miou, "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
              "args": {k: v for k, v in vars(args).items()}}
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -182,6 +199,22 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise common.InputError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume(path, raw_model, optimizer, scaler, device, rank):
+    """Continue last.pt: weights, optimiser, GradScaler (kept fresh when the saved state is empty:
+    the run had --amp off or bf16), RNG state. Returns (iteration, best mIoU)."""
+    state = load_checkpoint(path)
+    raw_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and isinstance(state["rng_cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    if rank == 0:
+        print(f"resumed from {path} at iteration {state['iteration']}")
+    return state["iteration"], state["best_miou"]
 
 
 def load_weights(model, path, finetune=False):
@@ -208,28 +241,36 @@ def model_weights(path):
 # Evaluation
 
 
+def eval_logits(model, image, out_size, args, device):
+    """common.infer as the flags say (--eval-mode, --eval-crop, --eval-stride, --eval-scales, --flip, --amp)."""
+    with autocast(args, device):
+        return common.infer(model, image, out_size, args.eval_mode, args.eval_crop, args.eval_stride,
+                            tuple(args.eval_scales), args.flip)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, args, rank, world, device):
     """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
-    the confusion matrices (and boundary counts) are summed over ranks."""
+    the confusion matrices (and boundary counts) are summed over ranks. Under DDP every rank first
+    takes rank 0's buffers (plain BN on CPU keeps per-rank running statistics)."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     model.eval()
     tic = time.time()
     K, indices = dataset.num_classes, range(rank, len(dataset), world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=args.workers)
     cm = torch.zeros(K, K, dtype=torch.long, device=device)
-    bf = torch.zeros(len(BOUNDARY_TOLERANCES), K, 4, dtype=torch.long, device=device)
+    bf = torch.zeros(len(common.BOUNDARY_TOLERANCES), K, 4, dtype=torch.long, device=device)
     for index, (image, label) in zip(indices, loader):
         image, label = image.to(device), label.to(device)
         if args.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        with autocast(args, device):
-            logits = common.infer(model, image, label.shape[-2:], args.eval_mode, args.eval_crop,
-                                  args.eval_stride, tuple(args.eval_scales), args.flip)
-        pred = logits.argmax(1)
+        pred = eval_logits(model, image, label.shape[-2:], args, device).argmax(1)
         cm += common.confusion_matrix(pred, label, K)
         if args.boundary_f:
-            bf += common.boundary_f_counts(pred[0], label[0], K, BOUNDARY_TOLERANCES)
+            bf += common.boundary_f_counts(pred[0], label[0], K)
         if index < args.save_maps:
             save_maps(model, image, pred[0], index, dataset, args, device)
     if world > 1:
@@ -238,12 +279,9 @@ def evaluate(model, dataset, args, rank, world, device):
     model.train()
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
     if args.boundary_f:
-        metrics["boundary_f"] = common.boundary_f_scores(bf.cpu(), BOUNDARY_TOLERANCES, dataset.class_names)
+        metrics["boundary_f"] = common.boundary_f_scores(bf.cpu(), class_names=dataset.class_names)
     metrics["eval_img_per_s"] = round(len(dataset) / (time.time() - tic), 3)
     return metrics
-
-
-BOUNDARY_TOLERANCES = (3, 5, 9, 12)
 
 
 def save_maps(model, image, pred, index, dataset, args, device):
@@ -298,10 +336,7 @@ def predict(model, args, rank, world, device):
     for path, name in files[rank::world]:
         image = common.read_image(path)
         x = common.to_normalized_tensor(image)[None].to(device)
-        with autocast(args, device):
-            logits = common.infer(model, x, x.shape[-2:], args.eval_mode, args.eval_crop, args.eval_stride,
-                                  tuple(args.eval_scales), args.flip)
-        confidence, label = logits.float().softmax(1).max(1)
+        confidence, label = eval_logits(model, x, x.shape[-2:], args, device).softmax(1).max(1)
         label[confidence < args.min_confidence] = common.IGNORE_INDEX
         label = label[0].byte().cpu().numpy()
         Image.fromarray(label).save(os.path.join(args.out, "labels", name))
@@ -334,13 +369,26 @@ def train_step(model, raw_model, optimizer, scaler, images, labels, args, device
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() == 0:
-        raise common.InputError(f"the loss is not finite ({losses['total'].item()}): training stopped; "
-                                f"the last good checkpoint is {os.path.join(args.out, 'last.pt')}")
+        last = os.path.join(args.out, "last.pt")
+        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else \
+            f"no checkpoint was written yet (--save-every {args.save_every})"
+        raise common.InputError(f"the loss is not finite ({losses['total'].item()}): training stopped; {kept}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
     scaler.update()
     return {k: v.item() for k, v in losses.items()}
+
+
+def strict_json(value):
+    """value with every non-finite float (an empty split's NaN mIoU) as None: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def log(rank, args, record, line=None):
@@ -349,7 +397,7 @@ def log(rank, args, record, line=None):
     if line:
         print(line, flush=True)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
 
 def progress_line(it, args, losses, lr, speed):
@@ -358,21 +406,39 @@ def progress_line(it, args, losses, lr, speed):
     return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
 
 
+def class_index_path(args, num_images):
+    """The cache file of the class-uniform index, keyed by dataset, data (--data-root, or the
+    synthetic seed and size), image count and tile."""
+    data = os.path.abspath(args.data_root) if args.data_root else f"seed {args.seed} size {args.synthetic_size}"
+    key = hashlib.sha1(data.encode()).hexdigest()[:8]
+    return os.path.join(args.out, f"class_uniform_{args.dataset}_{num_images}_{args.class_uniform_tile}_{key}.json")
+
+
 def class_index(args, train_set, rank, world):
-    """The class-uniform centroid index, built once by rank 0 and cached in the run folder."""
-    path = os.path.join(args.out, f"class_uniform_{args.dataset}_{len(train_set)}_{args.class_uniform_tile}.json")
-    if rank == 0 and not os.path.isfile(path):
-        index = common.class_centroids(train_set, args.class_uniform_tile)
+    """The class-uniform centroid index, cached in the run folder. Each rank indexes its share of
+    the images (rank, rank + world, ...), the shares are merged on every rank (all_gather_object),
+    and rank 0 writes the cache: no rank waits alone past NCCL's timeout."""
+    path = class_index_path(args, len(train_set))
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    shard = common.class_centroids(train_set, args.class_uniform_tile, progress=rank == 0,
+                                   images=range(rank, len(train_set), world))
+    shards = [shard]
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, shard)
+    index = common.merge_centroids(shards)
+    if rank == 0:
         with open(path + ".tmp", "w") as f:
             json.dump(index, f)
         os.replace(path + ".tmp", path)
-    if world > 1:
-        dist.barrier()
-    with open(path) as f:
-        return json.load(f)
+    return index
 
 
-def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
+def train_loader(args, train_set, start_iter, rank, world, device):
+    """This rank's endless, resumable loader: TrainSampler over the training set (class-uniform
+    centres with --class-uniform, the --extra-data mix)."""
     main_set, centroids, num_extra = train_set, None, 0
     if args.class_uniform > 0:
         centroids = class_index(args, train_set, rank, world)
@@ -381,10 +447,18 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
         train_set, num_extra = common.MixedDataset(train_set, extra), len(extra)
     sampler = common.TrainSampler(len(main_set), args.batch_size, rank, world, args.seed, start_iter,
                                   centroids, args.class_uniform, num_extra, args.extra_ratio)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, generator=torch.Generator())
-    batches, tic, metrics = iter(loader), time.time(), None
+    return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                       num_workers=args.workers, pin_memory=device.type == "cuda",
+                                       drop_last=True, generator=torch.Generator())
+
+
+def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
+    """Iterations start_iter .. --iters, evaluated every --eval-every and at the end; returns the last
+    metrics. A resumed run that had already finished is evaluated once (its training speed is the
+    one its summary.json recorded)."""
+    if start_iter >= args.iters:
+        return record_evaluation(raw_model, val_set, args, start_iter, stored_train_speed(args), rank, world, device)
+    batches, tic, metrics = iter(train_loader(args, train_set, start_iter, rank, world, device)), time.time(), None
     eval_every = args.eval_every or args.iters
     for it in range(start_iter, args.iters):
         lr = common.poly_lr(args.lr, it, args.iters, args.poly_power, args.warmup_iters)
@@ -400,24 +474,49 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
             log(rank, args, {"iter": it + 1, "lr": lr, **losses}, progress_line(it, args, losses, lr, speed))
         if (it + 1) % eval_every == 0 or it + 1 == args.iters:
             eval_start = time.time()
-            metrics = evaluate(raw_model, val_set, args, rank, world, device)
-            metrics["train_it_per_s"] = round((it + 1 - start_iter) / (eval_start - tic), 3)
-            log(rank, args, {"iter": it + 1, **metrics}, f"eval at {it + 1}: mIoU {metrics['mIoU']:.2f} "
-                f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
-            if rank == 0:
-                write_summary(args, metrics, it + 1)
-                if metrics["mIoU"] > best:
-                    best = metrics["mIoU"]
-                    save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, optimizer, scaler, it + 1, best, args)
+            speed = round((it + 1 - start_iter) / (eval_start - tic), 3)
+            metrics = record_evaluation(raw_model, val_set, args, it + 1, speed, rank, world, device)
+            if rank == 0 and metrics["mIoU"] > best:
+                best = metrics["mIoU"]
+                save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, optimizer, scaler, it + 1, best, args)
             tic += time.time() - eval_start                    # evaluation is not training time
         if rank == 0 and ((it + 1) % args.save_every == 0 or it + 1 == args.iters):
             save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, optimizer, scaler, it + 1, best, args)
     return metrics
 
 
+def record_evaluation(raw_model, val_set, args, iteration, train_speed, rank, world, device):
+    """Evaluate, then (rank 0) print, append to metrics.jsonl and write summary.json."""
+    metrics = evaluate(raw_model, val_set, args, rank, world, device)
+    metrics["train_it_per_s"] = train_speed
+    log(rank, args, {"iter": iteration, **metrics}, f"eval at {iteration}: mIoU {metrics['mIoU']:.2f} "
+        f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
+    if rank == 0:
+        write_summary(args, metrics, iteration)
+    return metrics
+
+
+def stored_train_speed(args):
+    """train_it_per_s of OUT/summary.json (None without one)."""
+    path = os.path.join(args.out, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("train_it_per_s")
+
+
 def write_summary(args, metrics, iteration):
+    summary = {"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}, f, indent=1)
+        json.dump(strict_json(summary), f, indent=1, allow_nan=False)
+
+
+def seed_ranks(args, rank, world, start_iter):
+    """Under DDP each rank draws its own dropout masks: a seed from (--seed, start iteration, rank),
+    set after the model is built (DDP broadcasts rank 0's weights anyway) and after a resume (the
+    checkpoint holds rank 0's RNG state only). One process keeps the stream of --seed (or of last.pt)."""
+    if world > 1:
+        torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + rank)
 
 
 def run(args):
@@ -439,10 +538,6 @@ def run(args):
     if args.checkpoint:
         load_weights(raw_model, args.checkpoint, args.finetune)
     if args.predict:
-        if args.label_ids and args.dataset != "cityscapes":
-            raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
-        if not args.checkpoint:
-            raise common.InputError("--predict needs --checkpoint (the trained model)")
         return raw_model, predict(raw_model, args, rank, world, device)
     if args.eval_only:
         metrics = evaluate(raw_model, val_set, args, rank, world, device)
@@ -461,16 +556,8 @@ def run(args):
     start_iter, best = 0, -1.0
     last = os.path.join(args.out, "last.pt")
     if args.resume and os.path.isfile(last):
-        state = load_checkpoint(last)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_iter, best = state["iteration"], state["best_miou"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if rank == 0:
-            print(f"resumed from {last} at iteration {start_iter}")
+        start_iter, best = resume(last, raw_model, optimizer, scaler, device, rank)
+    seed_ranks(args, rank, world, start_iter)
     if rank == 0:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {world} process(es), {device}")
@@ -494,9 +581,7 @@ def inference(model, x, args, device):
     """The evaluation forward as the eval flags say (--eval-mode, --eval-scales, --flip), as a call."""
     def call():
         model.eval()
-        with autocast(args, device):
-            return common.infer(model, x, x.shape[-2:], args.eval_mode, args.eval_crop, args.eval_stride,
-                                tuple(args.eval_scales), args.flip)
+        return eval_logits(model, x, x.shape[-2:], args, device)
     return call
 
 
@@ -622,7 +707,8 @@ def write_comparison(path, rows, args, world):
     lines = ["# Method comparison", "", settings, "",
              "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in rows:
-        cells = (fmt.format(row[c]) for c, fmt in zip(COMPARISON_COLUMNS, COMPARISON_FORMATS))
+        cells = ("n/a" if row[c] is None else fmt.format(row[c])           # n/a: a speed not recorded
+                 for c, fmt in zip(COMPARISON_COLUMNS, COMPARISON_FORMATS))
         lines.append("| " + " | ".join(cells) + " |")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

@@ -208,7 +208,14 @@ def test_poly_lr_endpoints_and_warmup():
     assert common.poly_lr(0.01, 100, 100) == 0.0
     assert common.poly_lr(0.01, 50, 100, power=2.0) == pytest.approx(0.01 * 0.25)
     assert common.poly_lr(0.01, 0, 100, warmup_iters=10) == pytest.approx(0.001)
-    assert common.poly_lr(0.01, 9, 100, warmup_iters=10) == pytest.approx(0.01)
+
+
+def test_warmup_is_composed_with_poly_so_the_lr_never_jumps():
+    # mmseg: lr = poly(it) * warm-up factor; at the last warm-up step the factor is 1 and poly(9) < base
+    assert common.poly_lr(0.01, 4, 100, warmup_iters=10) == pytest.approx(0.01 * 0.96 ** 0.9 * 0.5)
+    assert common.poly_lr(0.01, 9, 100, warmup_iters=10) == pytest.approx(0.01 * 0.91 ** 0.9)
+    lrs = [common.poly_lr(0.01, it, 100, warmup_iters=10) for it in range(100)]
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +319,77 @@ def test_slide_averages_overlapping_windows():
     assert calls == [(10, 10)] * 3                                           # x = 0, 4, 6 (clamped)
     assert out[0, 0, 0, 0] == 1 and out[0, 0, 0, 5] == 1.5 and out[0, 0, 0, 15] == 3
     assert torch.allclose(out[0, 0, 0, 6:8], torch.tensor([2.0, 2.0]))       # windows 1, 2 and 3 average 2
+
+
+def test_a_stride_larger_than_the_window_is_an_input_error_naming_the_flags():
+    model, image = Pointwise().eval(), torch.randn(1, 3, 30, 45)
+    with pytest.raises(common.InputError, match=r"--eval-stride 21 must be between 1 and --eval-crop \(20\)"):
+        common.infer(model, image, (30, 45), mode="slide", crop=20, stride=21)   # columns 20 and 41-44 unseen
+    assert torch.isfinite(common.infer(model, image, (30, 45), mode="slide", crop=20, stride=20)).all()
+
+
+class Recording(Convolutional):
+    """Records the size of every input its forward sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, image):
+        self.seen.append(tuple(image.shape[-2:]))
+        return super().forward(image)
+
+
+def hand_slide(model, x, ys, xs, crop, flip):
+    """Windows at the given corners, each the log of its (and its mirror's) mean softmax, averaged."""
+    total, count = torch.zeros(1, 4, *x.shape[-2:]), torch.zeros(1, 1, *x.shape[-2:])
+    for y in ys:
+        for x0 in xs:
+            window = x[:, :, y:y + crop, x0:x0 + crop]
+            logits = model(window)["out"]
+            if flip:
+                mirror = model(window.flip(-1))["out"].flip(-1)
+                logits = ((logits.softmax(1) + mirror.softmax(1)) / 2).log()
+            total[:, :, y:y + crop, x0:x0 + crop] += logits
+            count[:, :, y:y + crop, x0:x0 + crop] += 1
+    return total / count
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_multiscale_slide_resizes_the_image_and_slides_crop_windows_over_it(flip):
+    torch.manual_seed(0)
+    model, image = Recording().eval(), torch.randn(1, 3, 20, 28)
+    got = common.infer(model, image, (20, 28), mode="slide", crop=16, stride=10, scales=(1.0, 2.0), flip=flip)
+    assert set(model.seen) == {(16, 16)}                                     # at 2x too: never bigger than the crop
+    assert len(model.seen) == (2 * 3 + 4 * 5) * (1 + flip)                   # 20x28: 2x3 windows; 40x56: 4x5
+    with torch.no_grad():
+        # corners by hand, stride 10 clamped to the image: 20 -> 0, 4; 28 -> 0, 10, 12; 40 -> 0, 10, 20, 24;
+        # 56 -> 0, 10, 20, 30, 40
+        one = hand_slide(model, image, [0, 4], [0, 10, 12], 16, flip)
+        two = hand_slide(model, common.resize(image, (40, 56)), [0, 10, 20, 24], [0, 10, 20, 30, 40], 16, flip)
+        expected = ((one.softmax(1) + common.resize(two, (20, 28)).softmax(1)) / 2).log()
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+class OwnScales(Pointwise):
+    """A model whose predict takes the scales itself (as HMSA's): records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def predict(self, image, scales=(1.0,), flip=False):
+        self.calls.append((tuple(image.shape[-2:]), tuple(scales)))
+        return self(image)["out"]
+
+
+def test_whole_mode_hands_the_scales_to_predict_and_slide_mode_one_scale_per_window():
+    model, image = OwnScales().eval(), torch.randn(1, 3, 20, 28)
+    common.infer(model, image, (20, 28), scales=(0.5, 1.0))
+    assert model.calls == [((20, 28), (0.5, 1.0))]
+    model.calls.clear()
+    common.infer(model, image, (20, 28), mode="slide", crop=16, stride=16, scales=(0.5, 1.0))
+    assert model.calls == [((10, 14), (1.0,))] + [((16, 16), (1.0,))] * 4   # 10x14: one window; 20x28: 2x2
 
 
 def test_multiscale_flip_averages_probabilities():

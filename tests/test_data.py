@@ -186,6 +186,19 @@ def test_an_unknown_raw_value_is_an_input_error_naming_the_file(name, tmp_path):
         assert label in str(e.value), f"{name}: the error does not name the label file: {e.value}"
 
 
+def test_a_16_bit_label_beyond_the_lookup_table_is_an_input_error_naming_the_file(tmp_path):
+    root = str(tmp_path / "camvid")
+    (image, label, raw), = make_tree("camvid", root, (("train", 1),))["train"]      # CamVid has a LUT
+    raw = raw.astype(np.uint16)
+    raw[5, 7] = 300
+    Image.fromarray(raw).save(label)                                    # a 16-bit PNG
+    ds = common.file_dataset("camvid", root, "train")
+    for read in (ds.load, ds.load_label):
+        with pytest.raises(common.InputError, match=r"has values \[300\] outside the 11 classes") as e:
+            read(0)
+        assert label in str(e.value)
+
+
 @pytest.mark.parametrize("name", sorted(common.DATASETS))
 def test_a_missing_split_or_file_names_the_exact_path(name, tmp_path):
     spec, root = LAYOUTS[name], str(tmp_path / name)
@@ -274,6 +287,15 @@ def test_class_centroids_match_a_hand_computation_with_and_without_tiling(tmp_pa
         assert common.class_centroids(ds, tile=tile, progress=False) == expected_centroids(5, tile), f"tile {tile}"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_class_index_merges_to_the_single_process_index(tmp_path, world):
+    camvid_rare_class_tree(str(tmp_path), 5)
+    ds = common.file_dataset("camvid", str(tmp_path), "train")
+    shards = [common.class_centroids(ds, tile=16, progress=False, images=range(r, 5, world)) for r in range(world)]
+    assert {c[0] for centroids in shards[1] for c in centroids} == set(range(1, 5, world))   # its images only
+    assert common.merge_centroids(shards) == expected_centroids(5, 16)   # two Sky tiles per image: order kept
+
+
 def test_class_uniform_crops_contain_their_class(tmp_path):
     n, P = 24, 0.5
     camvid_rare_class_tree(str(tmp_path), n)
@@ -311,16 +333,34 @@ def test_class_uniform_share_per_epoch_is_int_n_p_over_k_per_present_class(P):
         assert len(uniform) == n - (K - 1) * per_class == len(set(uniform))
 
 
+def class_uniform_run(root, out):
+    train.main(["--dataset", "camvid", "--data-root", root, "--backbone", "resnet18", "--head-channels", "16",
+                "--crop-size", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--iters", "1",
+                "--class-uniform", "1.0", "--class-uniform-tile", "16", "--out", out])
+    return sorted(f for f in os.listdir(out) if f.startswith("class_uniform_camvid_6_16_"))
+
+
 def test_class_uniform_index_is_cached_in_the_run_folder_not_the_data(tmp_path):
     root, out = str(tmp_path / "camvid"), str(tmp_path / "run")
     camvid_rare_class_tree(root, 6)
     before = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-    train.main(["--dataset", "camvid", "--data-root", root, "--backbone", "resnet18", "--head-channels", "16",
-                "--crop-size", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--iters", "1",
-                "--class-uniform", "1.0", "--class-uniform-tile", "16", "--out", out])
-    with open(os.path.join(out, "class_uniform_camvid_6_16.json")) as f:
+    cache, = class_uniform_run(root, out)
+    with open(os.path.join(out, cache)) as f:
         assert json.load(f) == expected_centroids(6, 16)
     assert sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) == before
+
+
+def test_class_uniform_cache_of_another_data_root_is_not_reused(tmp_path):
+    first, second, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "run")
+    camvid_rare_class_tree(first, 6)
+    shutil.copytree(first, second)
+    for i in range(6):                                                  # same names and count, no Pole in b
+        label = camvid_files(second, "train", i)[1]
+        write_label(label, np.where(png(label) == POLE, 11, png(label)))
+    cache_a, = class_uniform_run(first, out)
+    cache_b, = set(class_uniform_run(second, out)) - {cache_a}          # one cache per data root
+    with open(os.path.join(out, cache_a)) as fa, open(os.path.join(out, cache_b)) as fb:
+        assert json.load(fa)[POLE] != [] and json.load(fb)[POLE] == []
 
 
 # ----------------------------------------------------------------------------------------------

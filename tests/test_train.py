@@ -1,5 +1,6 @@
 """train.py end to end on tiny synthetic runs: learning, exact resume, CPU DDP, clear errors."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -63,6 +64,60 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path):
     assert again["mIoU"] == trained["mIoU"] and again["aAcc"] == trained["aAcc"]
 
 
+def test_resume_after_switching_amp_on_starts_a_fresh_grad_scaler(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--iters", "2", "--out", out])                        # --amp off: empty scaler state
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["scaler"] == {}
+    train.main(TINY + ["--iters", "3", "--amp", "fp16", "--resume", "--out", out])
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert state["iteration"] == 3 and state["scaler"]["scale"] > 0
+
+
+COMPARE = ["--dataset", "synthetic", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+           "--synthetic-size", "40", "--synthetic-length", "8", "--synthetic-val-length", "2", "--workers", "0",
+           "--device", "cpu", "--iters", "2", "--log-every", "1"]
+
+
+def test_resuming_a_finished_comparison_evaluates_it_once_more(tmp_path):
+    argv = ["--compare-methods", "fcn"] + COMPARE + ["--out", str(tmp_path)]
+    first, = train.main(argv)[1]
+    again, = train.main(argv + ["--resume"])[1]                                # nothing left to train
+    first.pop("eval img/s"), again.pop("eval img/s")                           # timed again
+    assert again == first                                                      # same weights and evaluation,
+    with open(tmp_path / "fcn" / "metrics.jsonl") as f:                        # training speed from summary.json
+        evaluations = [r["iter"] for r in map(json.loads, f) if "mIoU" in r]
+    assert evaluations == [2, 2]
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_an_empty_split_writes_strict_json(tmp_path):
+    camvid_tree(tmp_path / "cv")
+    for i in range(4):                                                         # every val pixel void -> ignored
+        Image.fromarray(np.full((20, 24), 11, np.uint8)).save(tmp_path / "cv" / "valannot" / f"f{i}.png")
+    _, metrics = run_camvid(tmp_path, tmp_path / "cv")
+    assert math.isnan(metrics["mIoU"])                                         # no pixel: no mean
+    with open(tmp_path / "o" / "summary.json") as f:
+        summary = json.loads(f.read(), parse_constant=reject_constant)
+    assert summary["mIoU"] is None and summary["mAcc"] is None and summary["aAcc"] == 0
+    with open(tmp_path / "o" / "metrics.jsonl") as f:
+        records = [json.loads(line, parse_constant=reject_constant) for line in f]
+    assert [r["mIoU"] for r in records if "mIoU" in r] == [None]
+
+
+def test_checkpoint_of_a_cpu_run_holds_no_cuda_rng_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)             # a GPU in the machine, unused
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(8, dtype=torch.uint8)])
+    model = torch.nn.Conv2d(3, 2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = str(tmp_path / "c.pt")
+    train.save_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1, 0.0,
+                          train.parse_args(TINY))
+    assert torch.load(path, weights_only=True)["rng_cuda"] is None
+
+
 def test_finetune_from_another_class_count_reinitialises_only_the_classifiers(tmp_path, capsys):
     out = str(tmp_path / "six")
     six, _ = train.main(TINY + ["--iters", "2", "--out", out])                 # synthetic: 6 classes
@@ -91,9 +146,12 @@ def ddp_worker(rank, world, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model, metrics = train.main(TINY + ["--iters", "3", "--out", out])
+    indexed, load_label = [], common.SyntheticDataset.load_label             # only the class index reads labels alone
+    common.SyntheticDataset.load_label = lambda self, i: indexed.append(i) or load_label(self, i)
+    model, metrics = train.main(TINY + ["--iters", "3", "--class-uniform", "0.5", "--out", out])
     torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
-                "mIoU": metrics["mIoU"]}, os.path.join(out, f"rank{rank}.pt"))
+                "buffers": {k: v for k, v in model.named_buffers()}, "mIoU": metrics["mIoU"],
+                "indexed": indexed, "draw": torch.rand(8)}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -103,9 +161,18 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+    for name, b in r0["buffers"].items():                                    # plain BN: rank 0's statistics
+        assert torch.equal(b, r1["buffers"][name]), name
     assert r0["mIoU"] == r1["mIoU"]                                          # one all-reduced matrix
+    assert not torch.equal(r0["draw"], r1["draw"])                           # each rank its own dropout masks
     start = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert start["iteration"] == 3
+    # the class-uniform index: each rank read its half of the 16 labels, merged = one process's index
+    assert r0["indexed"] == list(range(0, 16, 2)) and r1["indexed"] == list(range(1, 16, 2))
+    cache, = [f for f in os.listdir(out) if f.startswith("class_uniform_synthetic_16_1024_")]
+    with open(os.path.join(out, cache)) as f:
+        whole = common.class_centroids(common.SyntheticDataset(16, (40, 40), 0), progress=False)
+        assert json.load(f) == whole and sum(map(len, whole)) > 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +235,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["iteration"] >= 1
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(common.InputError, match=r"not finite.*no checkpoint was written yet \(--save-every 1000\)"):
+        train.main(TINY + ["--iters", "50", "--lr", "1e30", "--out", str(out)])
+    assert not (out / "last.pt").exists()
+
+
+def test_eval_only_without_checkpoint_and_a_gapped_slide_are_refused(tmp_path):
+    with pytest.raises(common.InputError, match="--eval-only needs --checkpoint"):
+        train.main(TINY + ["--eval-only", "--out", str(tmp_path)])
+    with pytest.raises(common.InputError, match=r"--eval-stride 40 must be between 1 and --eval-crop \(32\)"):
+        train.main(TINY + ["--eval-mode", "slide", "--eval-crop", "32", "--eval-stride", "40", "--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []                                          # refused before anything ran
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
