@@ -1,0 +1,88 @@
+"""The README's commands and flags against the parsers: documentation that drifts from the code fails."""
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+SCRIPTS = {"train.py": [], "specialize_fuse.py": ["--method", "specialize_fuse"]}
+METHOD_PLACEHOLDERS = {"METHOD", "NAME"}                   # run with every method in its place
+LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone"}       # torchrun's own
+
+
+def readme_text():
+    with open(README) as f:
+        return f.read()
+
+
+def shell_lines(text):
+    """Each command line of the README's fenced blocks: continuations joined, comments dropped,
+    shell variables of the block (B="...") substituted."""
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        variables = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            assignment = re.fullmatch(r'(\w+)="([^"]*)"', line)
+            if assignment:
+                variables[assignment[1]] = assignment[2]
+                continue
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            yield line
+
+
+def script_commands(text):
+    """(script, argument list) of every train.py / specialize_fuse.py call in the README."""
+    for line in shell_lines(text):
+        for command in line.split("&&"):
+            tokens = shlex.split(command)
+            scripts = [i for i, t in enumerate(tokens) if t in SCRIPTS]
+            if scripts:
+                yield tokens[scripts[0]], tokens[scripts[0] + 1:]
+
+
+def test_the_readme_has_commands_to_check():
+    commands = list(script_commands(readme_text()))
+    assert len(commands) > 30 and {script for script, _ in commands} == set(SCRIPTS)
+
+
+def concrete(argv):
+    """The argument lists a README command stands for: none for a sketch ('...') or --help, one per
+    method for --method METHOD."""
+    if "..." in argv or "--help" in argv:
+        return []
+    if METHOD_PLACEHOLDERS & set(argv):
+        return [[method if a in METHOD_PLACEHOLDERS else a for a in argv] for method in train.METHODS]
+    return [argv]
+
+
+def test_every_readme_command_parses():
+    checked = 0
+    for script, argv in script_commands(readme_text()):
+        for args in concrete(argv):
+            try:
+                train.parse_args(SCRIPTS[script] + args)
+            except SystemExit:
+                pytest.fail(f"README command does not parse: {script} {' '.join(args)}")
+            checked += 1
+    assert checked > 35
+
+
+def known_flags():
+    """Every option string of the common parser and of each method's parser."""
+    flags = set()
+    for method in train.METHODS:
+        for action in train.build_parser(method)._actions:
+            flags.update(action.option_strings)
+    return flags
+
+
+def test_every_flag_the_readme_names_exists():
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme_text()))
+    unknown = sorted(named - known_flags() - LAUNCHER_FLAGS)
+    assert not unknown, f"the README names flags no parser has: {unknown}"
