@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 import common
 import train
@@ -18,6 +19,23 @@ FIELDS = {"method", "backbone", "input", "eval", "amp", "channels_last", "device
 RESNET18_TRUNK = 11_176_512                                  # torchvision resnet18 without its fc layer
 
 
+def conv_flops(model, x, training):
+    """FLOPs of each Conv2d in one forward of x, counted by hand from hooks: 2 x output elements x
+    (input channels / groups) x kernel area. An FCN has no other matrix products."""
+    counts = []
+
+    def hook(m, inp, out):
+        counts.append(2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model.train(training)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
 def test_benchmark_fields_counts_and_sane_values(capsys):
     model, r = train.main(BENCH + ["--crop-size", "48"])
     printed = capsys.readouterr().out.strip().splitlines()
@@ -27,7 +45,12 @@ def test_benchmark_fields_counts_and_sane_values(capsys):
     assert r["params_backbone"] == RESNET18_TRUNK
     assert r["params_head"] == head > 0
     assert r["params_total"] == sum(p.numel() for p in model.parameters()) == r["params_backbone"] + r["params_head"]
-    assert r["gflops_forward"] > 0 and r["gflops_train_step"] > 2 * r["gflops_forward"]   # backward ~ 2x forward
+    # the eval forward: every conv once; a training step: the training forward (aux head included),
+    # then a grad-input and a grad-weight product per conv, but no grad-input for the image's conv1
+    evaluation, training = (conv_flops(model, torch.randn(1, 3, 48, 48), t) for t in (False, True))
+    assert r["gflops_forward"] == pytest.approx(sum(evaluation) / 1e9, rel=1e-9)
+    assert sum(training) > sum(evaluation)
+    assert r["gflops_train_step"] == pytest.approx((3 * sum(training) - training[0]) / 1e9, rel=1e-9)
     assert r["forward_ms"] > 0 and r["train_step_ms"] > 0
     weights_mib = 4 * r["params_total"] / 2 ** 20
     assert weights_mib < r["forward_peak_mib"] < r["train_step_peak_mib"]                   # + activations, grads
@@ -130,7 +153,7 @@ COMPARE = ["--dataset", "synthetic", "--backbone", "resnet18", "--crop-size", "3
 
 def test_compare_methods_writes_a_well_formed_table(tmp_path):
     out = str(tmp_path / "cmp")
-    train.main(["--compare-methods", "fcn,galdv1"] + COMPARE + ["--out", out])
+    rows = train.main(["--compare-methods", "fcn,galdv1"] + COMPARE + ["--out", out])[1]
     with open(os.path.join(out, "comparison.md")) as f:
         table = [line for line in f.read().splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
@@ -144,6 +167,11 @@ def test_compare_methods_writes_a_well_formed_table(tmp_path):
         assert summary["method"] == row[0] and float(row[1]) == pytest.approx(summary["mIoU"], abs=0.005)
         assert float(row[3]) == pytest.approx(summary["boundary_f"]["3px"]["mBF"], abs=0.005)   # forced on
     assert float(cells[3][4]) > float(cells[2][4])            # GALD adds its GA and LD modules to the FCN
+    args = train.parse_args(["--method", "fcn"] + COMPARE)    # the FCN's GFLOPs by hand: one 32x32 image
+    args.num_classes = len(common.SYNTHETIC_CLASSES)
+    fcn = train.METHODS["fcn"][1](args)
+    assert rows[0]["GFLOPs"] == pytest.approx(sum(conv_flops(fcn, torch.randn(1, 3, 32, 32), False)) / 1e9, rel=1e-9)
+    assert float(cells[2][5]) == pytest.approx(rows[0]["GFLOPs"], abs=0.005)
 
 
 def test_compare_methods_rejects_method_flags_and_unknown_methods(tmp_path):

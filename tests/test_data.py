@@ -422,6 +422,14 @@ def png(path):
         return np.asarray(im.copy())
 
 
+def palette_image(label, palette):
+    """(H, W, 3) uint8 colours by hand: class k -> palette[k], ignore (255) -> black."""
+    label, out = np.asarray(label), np.zeros(np.shape(label) + (3,), np.uint8)
+    for k, colour in enumerate(palette):
+        out[label == k] = colour
+    return out
+
+
 def test_predict_writes_raw_colour_and_overlay_pngs_with_the_threshold(trained, auto_labels):
     out, T = auto_labels["out"], auto_labels["T"]
     palette = common.dataset_classes("synthetic")[1]
@@ -433,9 +441,9 @@ def test_predict_writes_raw_colour_and_overlay_pngs_with_the_threshold(trained, 
         expected[confidence < T] = common.IGNORE_INDEX
         assert label.shape == (image.size[1], image.size[0]) and label.dtype == np.uint8
         np.testing.assert_array_equal(label, expected.numpy(), err_msg=f"{name}: argmax / 255 below T={T}")
-        color = common.colorize(label, palette)
-        np.testing.assert_array_equal(png(os.path.join(out, "color", name)), np.asarray(color))
-        overlay = Image.blend(image, color, 0.5)
+        color = palette_image(label, palette)
+        np.testing.assert_array_equal(png(os.path.join(out, "color", name)), color)
+        overlay = Image.blend(image, Image.fromarray(color), 0.5)
         np.testing.assert_array_equal(png(os.path.join(out, "overlay", name)), np.asarray(overlay))
         ignored, kept = ignored + (label == 255).sum(), kept + (label != 255).sum()
     assert ignored > 0 and kept > 0, "the threshold should leave pixels on both sides"
@@ -661,8 +669,8 @@ def test_save_maps_writes_predictions_of_the_first_n_images(trained, tmp_path):
     model = model_for(TINY, trained["checkpoint"])
     image, label = common.build_datasets(train.parse_args(TINY))[1][1]
     pred = common.infer(model, image[None], label.shape).argmax(1)[0]
-    expected = common.colorize(pred, common.SYNTHETIC_PALETTE)
-    np.testing.assert_array_equal(png(os.path.join(out, "maps", "0001_pred.png")), np.asarray(expected))
+    expected = palette_image(pred.numpy(), common.SYNTHETIC_PALETTE)
+    np.testing.assert_array_equal(png(os.path.join(out, "maps", "0001_pred.png")), expected)
 
 
 def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
@@ -678,7 +686,15 @@ def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
     np.testing.assert_array_equal(png(os.path.join(out, "maps", "0000_ld_mask_0.png")), np.asarray(expected))
 
 
-def test_heatmap_gives_0_and_1_different_colours():
-    colours = np.asarray(common.heatmap(np.array([[0.0, 0.5, 1.0, -1.0, 2.0]])))[0]
-    assert len({tuple(c) for c in colours[:3]}) == 3
-    assert (colours[3] == colours[0]).all() and (colours[4] == colours[2]).all()   # clipped to [0, 1]
+def test_heatmap_is_the_jet_colour_map_clipped_to_0_1():
+    colours = np.asarray(common.heatmap(np.array([[0.0, 0.25, 0.5, 0.75, 1.0, -1.0, 2.0]])))[0]
+    # jet by hand (r, g, b = 1.5 - |4v - 3|, |4v - 2|, |4v - 1|, clipped to [0, 1]): dark blue (0, 0, 0.5),
+    # (0, 0.5, 1), (0.5, 1, 0.5), (1, 0.5, 0), dark red (0.5, 0, 0); 0.5 -> 128
+    assert colours[:5].tolist() == [[0, 0, 128], [0, 128, 255], [128, 255, 128], [255, 128, 0], [128, 0, 0]]
+    assert (colours[5] == colours[0]).all() and (colours[6] == colours[4]).all()   # clipped to [0, 1]
+
+
+def test_colorize_maps_each_class_to_its_palette_colour_and_ignore_to_black():
+    palette = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
+    colours = np.asarray(common.colorize(np.array([[2, 0], [255, 1]], np.uint8), palette))
+    assert colours.tolist() == [[[70, 80, 90], [10, 20, 30]], [[0, 0, 0], [40, 50, 60]]]
