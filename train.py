@@ -506,9 +506,12 @@ def stored_train_speed(args):
 
 
 def write_summary(args, metrics, iteration):
+    """OUT/summary.json, written to a temporary file and renamed, as the checkpoints."""
     summary = {"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    path = os.path.join(args.out, "summary.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(strict_json(summary), f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)
 
 
 def seed_ranks(args, rank, world, start_iter):
