@@ -1,38 +1,55 @@
-"""Shared parts of segpapers: everything the five method files stand on.
+"""The core of segpapers: what every method file stands on, and nothing else.
 
-Reads top to bottom: conventions -> layers -> dilated ResNet and weight loading -> losses ->
-metrics -> schedule -> the model interface and inference -> the FCN baseline -> costs (parameters,
-FLOPs, peak memory, time, torch.compile) -> data.
+Reads top to bottom: conventions -> layers -> dilated ResNet and weight loading -> losses (CE,
+OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and inference (whole,
+sliding window, multi-scale) -> the FCN baseline -> transforms, datasets and the training sampler.
+The extras (costs, prediction, boundary F-score, class-uniform sampling) live in tools/.
 
 Conventions (one home each): IGNORE_INDEX, the ImageNet mean/std, `resize` (the one interpolation
 policy: bilinear, align_corners=False), `poly_lr`.
 
-The method interface (README "Interface"): a method file has `add_args(parser)` and
+The method interface (README "The interface"): a method file has `add_args(parser)` and
 `build_model(args)`; the model is a `SegModel` with
     forward(image)              -> dict: 'out' (B, K, H, W) logits at the image's size, plus
                                    whatever else the method makes ('aux', 'maps', ...)
     loss(outputs, target)       -> dict of named scalar terms and 'total'
     predict(image, scales, flip)-> (B, K, H, W) logits; the default averages views, a method with
                                    its own multi-scale chain (HMSA) overrides it.
+    maps(image, scales)         -> name -> (B, M, h, w) heat maps in [0, 1] (--save-maps)
 """
 import argparse
 import math
 import os
-import statistics
-import time
-import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) within [low, high] (open where asked), so a
+    bad value stops at parse time with argparse's own one-line error naming the flag."""
+    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low}") + ", " + \
+        ("inf" if high is None else f"{high}") + (")" if high_open else "]")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return value
+    return parse
 
 
 class InputError(Exception):
@@ -130,24 +147,34 @@ def stage_strides_and_dilations(output_stride):
             8: ((1, 1), (2, 1), (1, 2), (1, 4))}[output_stride]
 
 
+DILATION_STYLES = ("pspnet", "torchvision")
+
+
 class ResNet(nn.Module):
     """Dilated ResNet-18/34/50/101 returning the four stage outputs, at strides 4, 8, min(16, os) and
     os of the output stride os (8: 4, 8, 8, 8; 16: 4, 8, 16, 16; 32: 4, 8, 16, 32).
 
     stem='tv': 7x7 conv (torchvision keys conv1, bn1). stem='deep': three 3x3 convs 3->64->64->128
     (CSAIL keys conv1, bn1, conv2, bn2, conv3, bn3), as the GALD / Denoised NL / PSPNet line uses.
-    Dilation follows torchvision: the first block of a dilated stage keeps the previous dilation.
-    multi_grid=(1, 2, 4) multiplies layer4's dilation per block (GALD / DNL code).
+    dilation_style='pspnet' (the default) dilates EVERY block of a dilated stage (layer3 by 2 and
+    layer4 by 4 at output stride 8), as PSPNet and the authors' trunks (lxtGH/GALD-DGCNet
+    libs/models/GALDNet.py, the Denoised NL model.py, NVIDIA/semantic-segmentation network/utils.py);
+    'torchvision' keeps the previous dilation in the first block of a dilated stage (layer3 = 1, 2, 2,
+    ..., layer4 = 2, 4, 4), as torchvision's resnet(replace_stride_with_dilation=...). The two have
+    the same parameters and state_dict: a pretrained file loads into either. multi_grid=(1, 2, 4)
+    multiplies layer4's dilation per block, the first block included (GALD / DNL code: 4, 8, 16).
     """
 
-    def __init__(self, depth=50, output_stride=8, stem="tv", multi_grid=None):
+    def __init__(self, depth=50, output_stride=8, stem="tv", multi_grid=None, dilation_style="pspnet"):
         super().__init__()
         if depth not in RESNET_LAYOUTS:
             raise InputError(f"ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         if output_stride not in (8, 16, 32):
             raise InputError(f"output stride must be 8, 16 or 32, got {output_stride}")
+        if dilation_style not in DILATION_STYLES:
+            raise InputError(f"dilation style must be one of {DILATION_STYLES}, got {dilation_style!r}")
         block, counts = RESNET_LAYOUTS[depth]
-        self.stem = stem
+        self.stem, self.dilation_style = stem, dilation_style
         self.relu = nn.ReLU(inplace=True)
         if stem == "tv":
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -180,9 +207,9 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
         if multi_grid:
-            # NOTE(paper-gap): with a multi-grid every block, the first included, uses dilation x grid[i]
-            # (GALD / DNL code: 4, 8, 16 at output stride 8).
             dilations = [dilation * multi_grid[i % len(multi_grid)] for i in range(blocks)]
+        elif self.dilation_style == "pspnet":
+            dilations = [dilation] * blocks
         else:
             dilations = [self.dilation] + [dilation] * (blocks - 1)
         layers = [block(self.inplanes, planes, stride, dilations[0], downsample)]
@@ -230,35 +257,91 @@ def backbone_state_from_checkpoint(state, stem):
 def load_pretrained(backbone, path):
     """Load a local ImageNet checkpoint into `backbone`; any missing, unexpected or mis-shaped key
     raises InputError listing them (never a silent partial load)."""
-    if not os.path.isfile(path):
-        raise InputError(f"pretrained weights not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"cannot read pretrained weights {path}: {e}") from None
-    state = backbone_state_from_checkpoint(raw, backbone.stem)
+    state = backbone_state_from_checkpoint(load_checkpoint(path, "pretrained weights"), backbone.stem)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    shapes = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
     if missing or unexpected or shapes:
-        problems = [f"missing keys ({len(missing)}): {missing}"] * bool(missing) + \
-                   [f"unexpected keys ({len(unexpected)}): {unexpected}"] * bool(unexpected) + \
-                   [f"mis-shaped keys ({len(shapes)}): {shapes}"] * bool(shapes)
-        raise InputError(f"{path} does not fit the stem={backbone.stem!r} backbone "
-                         f"(torchvision files need --stem tv, deep-stem files --stem deep):\n  "
-                         + "\n  ".join(problems))
+        problems = [some_keys(kind, keys, shown=5) for kind, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+        raise InputError(f"{path} does not fit the stem={backbone.stem!r} backbone (torchvision files need "
+                         f"--stem tv, deep-stem files --stem deep): {'; '.join(problems)}")
     backbone.load_state_dict(state, strict=True)
 
 
 def build_backbone(args, output_stride=None):
-    """The ResNet of --backbone/--stem/--output-stride/--multi-grid, with --pretrained loaded."""
+    """The ResNet of --backbone/--stem/--output-stride/--multi-grid/--dilation-style, with --pretrained loaded."""
     net = ResNet(depth=int(args.backbone.replace("resnet", "")), stem=args.stem,
-                 output_stride=output_stride or args.output_stride, multi_grid=args.multi_grid)
+                 output_stride=output_stride or args.output_stride, multi_grid=args.multi_grid,
+                 dilation_style=args.dilation_style)
     if args.pretrained:
         load_pretrained(net, args.pretrained)
     return net
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """The dict of tensors (and plain data) saved in PATH, loaded safely (weights_only=True). A file
+    that is missing, unreadable, unsafe to unpickle or not a dict is an InputError naming it."""
+    if not os.path.isfile(path):
+        raise InputError(f"{what} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                     # truncated, random bytes, a pickle of code
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{path} is not a {what} file torch.load(weights_only=True) can read ({reason})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path} is not a {what} file: it holds a {type(state).__name__}, not a dict of weights")
+    return state
+
+
+def weights_in(state, path):
+    """The model's state_dict in a loaded checkpoint: its 'model' entry (what train.py writes), or
+    the whole dict when that is a plain state_dict."""
+    weights = state.get("model", state)
+    if not isinstance(weights, dict) or not weights or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise InputError(f"{path} is not a checkpoint of this project: expected a state_dict of tensors "
+                         f"(or a dict with one under 'model'), found {describe(weights)}")
+    return weights
+
+
+def describe(value):
+    """'a dict of int' / 'a list': what a file held, for messages."""
+    if isinstance(value, dict) and value:
+        return f"a dict of {type(next(iter(value.values()))).__name__}"
+    return f"{'an empty ' if isinstance(value, dict) else 'a '}{type(value).__name__}"
+
+
+def some_keys(kind, keys, shown=3):
+    """'2 missing keys (a, b)': a count and the first few, for one-line messages."""
+    more = ", ..." if len(keys) > shown else ""
+    return f"{len(keys)} {kind} key{'s' * (len(keys) != 1)} ({', '.join(keys[:shown])}{more})"
+
+
+def load_state(model, weights, path, finetune=False):
+    """Load the state_dict `weights` (read from PATH) into model. Every key must fit, except with
+    finetune: then the layers the file lacks (an attention head that a pre-trained model never had)
+    or holds in another shape (a classifier of another class count) start freshly initialised, and
+    are listed. Keys of the file that the model does not have are always an error (the wrong model)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [k for k in weights if k in own and weights[k].shape != own[k].shape]
+    if unexpected or ((missing or reshaped) and not finetune):
+        problems = [some_keys(kind, keys) for kind, keys in
+                    (("unexpected", unexpected), ("missing", missing), ("mis-shaped", reshaped)) if keys]
+        hint = " (--finetune starts missing and mis-shaped layers fresh)" if not unexpected else ""
+        raise InputError(f"{path} does not fit this model: {'; '.join(problems)}{hint}")
+    fresh = missing + reshaped
+    if fresh:
+        print(f"--finetune: {len(fresh)} keys start freshly initialised: {', '.join(fresh)}")
+    model.load_state_dict({k: v for k, v in weights.items() if k not in reshaped}, strict=not fresh)
+
+
+def load_weights(model, path, finetune=False):
+    """load_state with the weights of checkpoint PATH (a train.py checkpoint or a plain state_dict)."""
+    load_state(model, weights_in(load_checkpoint(path), path), path, finetune)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +415,13 @@ def poly_lr(base_lr, iteration, max_iters, power=0.9, warmup_iters=0):
 
 # ----------------------------------------------------------------------------------------------
 # The model interface and inference
+
+
+def autocast(amp, device):
+    """The autocast context of --amp off | bf16 | fp16 on `device`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
 
 
 class SegModel(nn.Module):
@@ -422,6 +512,14 @@ def infer(model, image, out_size, mode="whole", crop=512, stride=341, scales=(1.
     return resize(logits.float(), out_size)
 
 
+def infer_as_flagged(model, image, out_size, args):
+    """infer() as the evaluation flags say: --eval-mode, --eval-crop, --eval-stride, --eval-scales,
+    --flip, under --amp."""
+    with autocast(args.amp, image.device):
+        return infer(model, image, out_size, args.eval_mode, args.eval_crop, args.eval_stride,
+                     tuple(args.eval_scales), args.flip)
+
+
 # ----------------------------------------------------------------------------------------------
 # The FCN baseline: the "FCN (Baseline)" row of every paper's tables
 
@@ -462,143 +560,6 @@ def build_fcn(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Costs: parameters, FLOPs, peak memory, time, torch.compile (train.py --benchmark, --compare-methods)
-
-
-def parameter_counts(model):
-    """{'total', 'backbone', 'head'}: the model's parameters, model.backbone's, and the rest's."""
-    total = sum(p.numel() for p in model.parameters())
-    backbone = sum(p.numel() for p in model.backbone.parameters())
-    return {"total": total, "backbone": backbone, "head": total - backbone}
-
-
-def count_flops(fn):
-    """FLOPs of one call of fn(), as torch.utils.flop_counter counts them: convolutions and matrix
-    products (attention included), 2 per multiply-add; elementwise ops, pooling and resizing are free."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while active and not yet freed: the CPU stand-in
-    for torch.cuda.max_memory_allocated (the CPU allocator keeps no statistics). An output that
-    shares an input's storage (a view, an in-place op) is no new memory; a storage counts until it
-    is freed (a weakref on it), whoever holds it (autograd's saved tensors included). Buffers that
-    kernels allocate internally, outside torch's dispatcher, are not seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = set(), 0, 0
-
-    def _freed(self, key, nbytes):
-        self.live.discard(key)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
-        for t in tensors_in(out):
-            key = storage_key(t)
-            if key is None or key in inputs or key in self.live:
-                continue
-            storage = t.untyped_storage()
-            self.live.add(key)
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._freed, key, storage.nbytes())
-        return out
-
-
-def tensors_in(x):
-    """The tensors of a nest of lists, tuples and dicts (an op's arguments or outputs)."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in tensors_in(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in tensors_in(v)]
-    return []
-
-
-def storage_key(t):
-    """The address of a tensor's storage, or None (not a tensor, no storage, or an empty one)."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return storage.data_ptr() if storage.nbytes() > 0 else None
-
-
-def peak_memory(fn, device, held=()):
-    """Peak bytes of live tensors during fn(), the tensors alive before included: on CUDA the
-    allocator's peak (reset first); on CPU the bytes of `held` (what is alive before: weights,
-    inputs) plus the peak of the tensors fn() creates (LiveTensorBytes)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    storages = {storage_key(t): t.untyped_storage().nbytes() for t in held if storage_key(t) is not None}
-    with LiveTensorBytes() as live:
-        fn()
-    return sum(storages.values()) + live.peak
-
-
-def median_seconds(fn, iters, warmup, device):
-    """Median wall time of fn() over `iters` calls, after `warmup` untimed ones (CUDA synchronised)."""
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
-def compile_forward(model, log=print):
-    """--compile: model.forward becomes torch.compile(model.forward), in place, so that every call
-    (train step, predict, sliding windows) runs compiled while the state_dict and model.loss stay
-    as they are (the loss is never compiled). torch compiles at the first call; if that fails (no
-    C++ compiler, an unsupported op or Python), the model says why and runs eagerly from then on (at
-    worst the BN statistics of the layers already run see that batch twice). Input errors pass through."""
-    eager = model.forward
-    fallback = lambda e: log(f"--compile: torch.compile failed ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0][:300]}); running eagerly instead")
-    try:
-        compiled = torch.compile(eager)
-    except Exception as e:                                     # e.g. a Python version dynamo does not support
-        fallback(e)
-        return model
-
-    def forward(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except InputError:
-            raise
-        except Exception as e:
-            fallback(e)
-            del model.forward                                  # back to the class's own forward
-            return eager(*args, **kwargs)
-
-    model.forward = forward
-    return model
-
-
-def is_compiled(model):
-    """True while compile_forward's compiled forward is in place (False after a fallback)."""
-    return "forward" in vars(model)
-
-
-# ----------------------------------------------------------------------------------------------
 # Joint image/label transforms (PIL + numpy; randomness from an explicit numpy Generator so that a
 # sample depends only on (index, seed), whatever the worker: resumed runs see the same crops)
 
@@ -619,7 +580,7 @@ def photometric_jitter(image, strength, rng):
 
 
 class TrainTransform:
-    """Random scale -> photometric jitter -> optional Gaussian blur -> normalise -> pad (image 0,
+    """Random scale -> photometric jitter -> Gaussian blur (if blur) -> normalise -> pad (image 0,
     label 255) -> random crop -> horizontal flip. `center` (y, x) in original pixels, if given, is
     kept inside the crop (class-uniform sampling)."""
 
@@ -635,8 +596,10 @@ class TrainTransform:
         label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
         if self.jitter > 0:
             image = photometric_jitter(image, self.jitter, rng)
-        if self.blur and rng.random() < 0.5:
-            image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.15, 1.15)))
+        if self.blur:
+            # NOTE(paper-gap): every crop blurred, sigma = 0.15 + U(0, 1) * 1.15 (NVIDIA/semantic-
+            # segmentation transforms/joint_transforms.py, the Mapillary recipe's gblur): the paper is silent.
+            image = image.filter(ImageFilter.GaussianBlur(radius=0.15 + rng.random() * 1.15))
         x, y = to_normalized_tensor(image), torch.from_numpy(label.astype(np.int64))
         (ch, cw), (H, W) = self.crop, y.shape
         pad_h, pad_w = max(ch - H, 0), max(cw - W, 0)
@@ -671,10 +634,10 @@ class SegDataset(torch.utils.data.Dataset):
     """Image/label pairs read with PIL. `lut` maps raw label values to train ids (255 = ignore).
     Items are `index` (evaluation) or `(index, seed)` (training, drawn by TrainSampler)."""
 
-    def __init__(self, pairs, class_names, palette, transform=None, lut=None, name="dataset"):
+    def __init__(self, pairs, class_names, transform=None, lut=None, name="dataset"):
         if not pairs:
             raise InputError(f"{name}: the split is empty (no image/label pairs found)")
-        self.pairs, self.class_names, self.palette = pairs, list(class_names), palette
+        self.pairs, self.class_names = pairs, list(class_names)
         self.num_classes, self.transform, self.lut, self.name = len(class_names), transform, lut, name
 
     def __len__(self):
@@ -692,7 +655,8 @@ class SegDataset(torch.utils.data.Dataset):
     def load_label(self, index):
         """The label alone in train ids (raw values through the LUT), validated."""
         path = self.pairs[index][1]
-        label = np.asarray(read_image(path, mode=None))
+        label = read_image(path, mode=None)
+        label = np.asarray(label, dtype=np.uint8 if label.mode == "1" else None)   # a 1-bit PNG: values 0 / 1
         if label.ndim != 2:
             raise InputError(f"label {path} is not a single-channel image (shape {label.shape})")
         if self.lut is not None:
@@ -801,7 +765,7 @@ class SyntheticDataset(SegDataset):
     """`--dataset synthetic`: generated on the fly, no files; `length` images of `size` per split."""
 
     def __init__(self, length, size, seed, transform=None):
-        super().__init__([None] * length, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, transform, name="synthetic")
+        super().__init__([None] * length, SYNTHETIC_CLASSES, transform, name="synthetic")
         self.size, self.seed = size, seed
 
     def load(self, index):
@@ -812,7 +776,6 @@ class SyntheticDataset(SegDataset):
         return synthetic_sample(index, self.seed, self.size)[1]
 
 
-SYNTHETIC_PALETTE = [(70, 130, 180), (128, 64, 128), (70, 70, 70), (0, 0, 142), (220, 220, 0), (153, 153, 153)]
 
 # Datasets read in the layouts users already have (mmsegmentation's, and the SegNet tutorial's for
 # CamVid). Each layout function returns (image/label pairs, label lookup table) for one split.
@@ -936,37 +899,50 @@ def mapillary(root, split):
     return pairs, lut_from_pairs({65: IGNORE_INDEX})
 
 
-def generated_palette(n):
-    """The PASCAL VOC bit-interleaved colour map (used where a dataset has no palette of its own)."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        for bit in range(8):
-            r |= ((i >> (3 * bit)) & 1) << (7 - bit)
-            g |= ((i >> (3 * bit + 1)) & 1) << (7 - bit)
-            b |= ((i >> (3 * bit + 2)) & 1) << (7 - bit)
-        palette.append((r, g, b))
-    return palette
+
+# NOTE(paper-gap): GALD v1 Sec. 6.1.2 trains on Mapillary with "only 19 classes of 65 labels which are
+# in cityscape category" without listing them; this map takes each Cityscapes class's namesake, and
+# folds in the Mapillary classes that Cityscapes annotates as part of one (lane markings, bike and
+# service lanes, plain crosswalks into road; curbs, curb cuts and pedestrian areas into sidewalk;
+# street lights, utility poles and sign frames into pole; every rider into rider). All else is ignored.
+MAPILLARY_TO_CITYSCAPES = {
+    "road": ("Road", "Lane Marking - General", "Lane Marking - Crosswalk", "Crosswalk - Plain", "Bike Lane",
+             "Service Lane"),
+    "sidewalk": ("Sidewalk", "Curb", "Curb Cut", "Pedestrian Area"), "building": ("Building",),
+    "wall": ("Wall",), "fence": ("Fence",), "pole": ("Pole", "Utility Pole", "Street Light", "Traffic Sign Frame"),
+    "traffic light": ("Traffic Light",), "traffic sign": ("Traffic Sign (Front)",),
+    "vegetation": ("Vegetation",), "terrain": ("Terrain",), "sky": ("Sky",), "person": ("Person",),
+    "rider": ("Bicyclist", "Motorcyclist", "Other Rider"), "car": ("Car",), "truck": ("Truck",), "bus": ("Bus",),
+    "train": ("On Rails",), "motorcycle": ("Motorcycle",), "bicycle": ("Bicycle",),
+}
+
+
+def mapillary_cityscapes19(root, split):
+    """Mapillary v1.2 in the layout of `mapillary`, its labels mapped to the 19 Cityscapes train ids."""
+    pairs, _ = mapillary(root, split)
+    to_train_id = {MAPILLARY_V12_CLASSES.index(m): CITYSCAPES_CLASSES.index(c)
+                   for c, names in MAPILLARY_TO_CITYSCAPES.items() for m in names}
+    return pairs, lut_from_pairs({v: to_train_id.get(v, IGNORE_INDEX) for v in range(len(MAPILLARY_V12_CLASSES))})
 
 
 def dataset_classes(name):
-    """(class names, palette) of --dataset NAME, without touching any file."""
-    if name == "synthetic":
-        return SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
-    classes, palette, _ = DATASETS[name]
-    return classes, palette
+    """The class names of --dataset NAME, without touching any file."""
+    return SYNTHETIC_CLASSES if name == "synthetic" else DATASETS[name][0]
 
 
 def file_dataset(name, root, split, transform=None):
-    """One split of a dataset on disk, in its usual layout (README: Datasets)."""
+    """One split of a dataset on disk, in its usual layout (README: Datasets); 'a+b' joins splits."""
     if root is None or not os.path.isdir(root):
         raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
                          f"described in README.md (Datasets)")
-    classes, palette = dataset_classes(name)
-    pairs, lut = DATASETS[name][2](root, split)
+    classes, layout = DATASETS[name]
+    pairs, lut = [], None
+    for part in split.split("+"):                              # 'train+val': both splits as one
+        part_pairs, lut = layout(root, part)
+        pairs += part_pairs
     if not pairs:
         raise InputError(f"{name}: the {split} split under {root} is empty")
-    return SegDataset(pairs, classes, palette, transform, lut, name)
+    return SegDataset(pairs, classes, transform, lut, name)
 
 
 def build_datasets(args):
@@ -976,96 +952,30 @@ def build_datasets(args):
         size = (args.synthetic_size, args.synthetic_size)
         return (SyntheticDataset(args.synthetic_length, size, args.seed, transform),
                 SyntheticDataset(args.synthetic_val_length, size, args.seed + 10 ** 6))
-    return (file_dataset(args.dataset, args.data_root, "train", transform),
+    return (file_dataset(args.dataset, args.data_root, args.train_split, transform),
             file_dataset(args.dataset, args.data_root, args.val_split))
 
 
-def extra_dataset(folder, class_names, palette, transform):
-    """--extra-data DIR: DIR/pairs.txt lists `image label` per line (paths absolute or relative to DIR),
-    labels already in train ids with 255 = ignore (what --predict writes)."""
-    list_file = os.path.join(folder, "pairs.txt")
-    if not os.path.isfile(list_file):
-        raise InputError(f"--extra-data: missing {list_file} (one `image label` pair per line, as --predict writes)")
-    with open(list_file) as f:
-        pairs = [tuple(os.path.join(folder, p) for p in line.split()[:2]) for line in f if line.strip()]
-    return SegDataset(pairs, class_names, palette, transform, name="extra data")
-
-
-class MixedDataset(torch.utils.data.Dataset):
-    """The main training set followed by the extra (e.g. auto-labelled) set: index >= len(main) is extra."""
-
-    def __init__(self, main, extra):
-        self.main, self.extra = main, extra
-        self.num_classes, self.class_names = main.num_classes, main.class_names
-
-    def __len__(self):
-        return len(self.main) + len(self.extra)
-
-    def __getitem__(self, item):
-        index, seed, center = item
-        if index < len(self.main):
-            return self.main[item]
-        return self.extra[(index - len(self.main), seed, center)]
-
-
-def class_centroids(dataset, tile=1024, progress=True, images=None):
-    """HMSA Sec. 5.1 class-uniform index: for every tile x tile tile of every label (of `images`,
-    default all) and every class in it, the centroid (y, x) of that class's pixels. Returns one list
-    of [image, y, x] per class, by image."""
-    images = range(len(dataset)) if images is None else images
-    index = [[] for _ in range(dataset.num_classes)]
-    for done, i in enumerate(images, 1):
-        label = dataset.load_label(i)
-        for top in range(0, label.shape[0], tile):
-            for left in range(0, label.shape[1], tile):
-                part = label[top:top + tile, left:left + tile]
-                for cls in np.unique(part[part != IGNORE_INDEX]):
-                    ys, xs = np.nonzero(part == cls)
-                    index[cls].append([i, top + int(ys.mean()), left + int(xs.mean())])
-        if progress and (done % 100 == 0 or done == len(images)):
-            print(f"class-uniform index: {done}/{len(images)} labels", flush=True)
-    return index
-
-
-def merge_centroids(shards):
-    """One index from class_centroids of disjoint image sets (DDP shards): the same lists, in the
-    same order, as one class_centroids over all of them (a stable sort by image keeps tile order)."""
-    return [sorted((c for shard in shards for c in shard[k]), key=lambda c: c[0]) for k in range(len(shards[0]))]
-
-
 class TrainSampler(torch.utils.data.Sampler):
-    """Endless, resumable training order. Epoch e is a list of (index, crop centre or None) drawn from
-    a generator seeded by (seed, e): a share `class_uniform` of it are per-class centroids (HMSA Sec.
-    5.1), and extra items (index >= num_items) are added so that they make `extra_ratio` of it.
-    Iteration `it` takes global batch `it % per_epoch` of epoch `it // per_epoch`; this rank its slice.
-    Yields (index, augmentation seed, centre)."""
+    """Endless, resumable training order. Epoch e is a shuffled list of (index, crop centre or None)
+    drawn from a generator seeded by (seed, e); iteration `it` takes global batch `it % per_epoch` of
+    epoch `it // per_epoch`, and this rank its slice, so a resumed run continues the same order.
+    Yields (index, augmentation seed, centre). tools/sampling.py adds items through `more_items`."""
 
-    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0,
-                 class_index=None, class_uniform=0.0, num_extra=0, extra_ratio=0.0):
+    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0):
         self.global_batch = batch_size * world_size
         if num_items < self.global_batch:
             raise InputError(f"the training split has {num_items} images, fewer than one global batch "
                              f"({batch_size} per process x {world_size} processes)")
-        if not (0 <= class_uniform <= 1 and 0 <= extra_ratio < 1):
-            raise InputError(f"--class-uniform must lie in [0, 1] and --extra-ratio in [0, 1), "
-                             f"got {class_uniform} and {extra_ratio}")
         self.n, self.batch, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start_iter
-        self.class_index, self.class_uniform = class_index, class_uniform
-        self.num_extra, self.extra_ratio = num_extra, extra_ratio
+
+    def more_items(self, items, generator):
+        """The epoch's items before the final shuffle: here all images once (centre None)."""
+        return items
 
     def epoch_items(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        items = [(i, None) for i in torch.randperm(self.n, generator=g).tolist()]
-        if self.class_uniform > 0:
-            present = [c for c in self.class_index if c]
-            per_class = int(self.n * self.class_uniform / len(self.class_index))
-            items = items[: self.n - per_class * len(present)]
-            for centroids in present:
-                for j in torch.randint(len(centroids), (per_class,), generator=g).tolist():
-                    items.append((centroids[j][0], tuple(centroids[j][1:])))
-        if self.num_extra and self.extra_ratio > 0:
-            count = round(len(items) * self.extra_ratio / (1 - self.extra_ratio))
-            items += [(self.n + j, None) for j in torch.randint(self.num_extra, (count,), generator=g).tolist()]
+        items = self.more_items([(i, None) for i in torch.randperm(self.n, generator=g).tolist()], g)
         return [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
 
     def __iter__(self):
@@ -1082,92 +992,13 @@ class TrainSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------
-# Boundary F-score (GALDv2 Table V, the GSCNN protocol) and images of labels and maps
-
-BOUNDARY_TOLERANCES = (3, 5, 9, 12)                            # pixels (GSCNN; --boundary-f)
-
-
-def boundaries(masks):
-    """(K, H, W) bool -> (K, H, W) bool: pixels whose right, lower or lower-right neighbour differs
-    (GSCNN's seg2bmap, 1 px thick)."""
-    edge = torch.zeros_like(masks)
-    edge[:, :, :-1] |= masks[:, :, :-1] != masks[:, :, 1:]
-    edge[:, :-1, :] |= masks[:, :-1, :] != masks[:, 1:, :]
-    edge[:, :-1, :-1] |= masks[:, :-1, :-1] != masks[:, 1:, 1:]
-    return edge
-
-
-def within(edge, tolerance):
-    """(K, H, W) bool: pixels closer than `tolerance` (Euclidean, inclusive) to a pixel of `edge`."""
-    if tolerance == 0:
-        return edge
-    r = torch.arange(-tolerance, tolerance + 1, device=edge.device)
-    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= tolerance ** 2).float()[None, None]
-    return F.conv2d(edge.float()[:, None], disk, padding=tolerance)[:, 0] > 0
-
-
-def boundary_f_counts(pred, label, num_classes, tolerances=BOUNDARY_TOLERANCES):
-    """Per tolerance and class: [predicted boundary pixels, of them within tolerance of the true
-    boundary, true boundary pixels, of them within tolerance of the predicted one] -> (T, K, 4).
-    Both masks are cleared under ignored pixels first (as GSCNN), so the border of an ignored region
-    is a boundary of both. NOTE(paper-gap): counts are summed over the split (they all-reduce under
-    DDP) before F1 is taken; GSCNN averages per-image F1."""
-    valid = label != IGNORE_INDEX
-    classes = torch.arange(num_classes, device=label.device)[:, None, None]
-    pred_edge = boundaries((pred[None] == classes) & valid)
-    true_edge = boundaries((label[None] == classes) & valid)
-    counts = []
-    for t in tolerances:
-        counts.append(torch.stack([pred_edge.sum((1, 2)), (pred_edge & within(true_edge, t)).sum((1, 2)),
-                                   true_edge.sum((1, 2)), (true_edge & within(pred_edge, t)).sum((1, 2))], 1))
-    return torch.stack(counts)
-
-
-def boundary_f_scores(counts, tolerances=BOUNDARY_TOLERANCES, class_names=None):
-    """F1 of boundary precision and recall per class (percent), and their mean over classes that have
-    a boundary in the ground truth or the prediction, for each tolerance in pixels."""
-    names = class_names or [str(i) for i in range(counts.shape[1])]
-    scores = {}
-    for t, c in zip(tolerances, counts.double()):
-        precision, recall = c[:, 1] / c[:, 0], c[:, 3] / c[:, 2]
-        precision = torch.where(c[:, 0] == 0, torch.zeros_like(precision), precision)
-        recall = torch.where(c[:, 2] == 0, torch.zeros_like(recall), recall)
-        f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0.0)
-        f1[(c[:, 0] == 0) & (c[:, 2] == 0)] = float("nan")     # no boundary anywhere: not counted
-        scores[f"{t}px"] = {"mBF": round(100 * f1.nanmean().item(), 2),
-                            "per_class": {n: None if math.isnan(v) else round(100 * v, 2) for n, v in zip(names, f1.tolist())}}
-    return scores
-
-
-def colorize(label, palette):
-    """(H, W) train ids -> PIL RGB with the dataset's palette (ignore = black)."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:len(palette)] = palette
-    return Image.fromarray(table[np.asarray(label, dtype=np.uint8)])
-
-
-def heatmap(values):
-    """(H, W) floats in [0, 1] -> PIL RGB, dark blue -> cyan -> yellow -> red."""
-    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)
-    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - 3), 0, 1), np.clip(1.5 - np.abs(4 * v - 2), 0, 1),
-                    np.clip(1.5 - np.abs(4 * v - 1), 0, 1)], -1)
-    return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
-
-
-# ----------------------------------------------------------------------------------------------
-# Class names and palettes, in label order (mmsegmentation 1.x METAINFO; CamVid: SegNet tutorial)
+# Class names, in label order (mmsegmentation 1.x METAINFO; CamVid: SegNet tutorial)
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                       "motorcycle", "bicycle")
-CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-                      (0, 80, 100), (0, 0, 230), (119, 11, 32)]
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist")
-CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 
 # mmseg/datasets/ade.py ADE20KDataset (150 classes; mmseg's 'bed ' written 'bed')
 ADE20K_CLASSES = (
@@ -1188,33 +1019,6 @@ ADE20K_CLASSES = (
     'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator',
     'glass', 'clock', 'flag',
 )
-
-
-# mmseg/datasets/ade.py ADE20KDataset palette (150 RGB; (140, 140, 140) is used twice, idx 6 and 48)
-ADE20K_PALETTE = [
-    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
-    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61),
-    (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3),
-    (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230),
-    (220, 220, 220), (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71),
-    (255, 41, 10), (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8),
-    (0, 255, 20), (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
-    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0),
-    (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0),
-    (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0),
-    (194, 255, 0), (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255),
-    (173, 255, 0), (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0),
-    (255, 0, 20), (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
-    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163),
-    (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0),
-    (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255),
-    (255, 0, 112), (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255),
-    (71, 255, 0), (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235),
-    (245, 0, 255), (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
-    (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255),
-    (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255),
-    (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
-]
 
 
 # mmseg/datasets/coco_stuff.py COCOStuffDataset (171 classes: 80 things, then 91 stuff)
@@ -1270,30 +1074,15 @@ MAPILLARY_V12_CLASSES = (
 )
 
 
-# mmseg/datasets/mapillary.py MapillaryDataset_v1 palette (66 RGB)
-MAPILLARY_V12_PALETTE = [
-    (165, 42, 42), (0, 192, 0), (196, 196, 196), (190, 153, 153), (180, 165, 180), (90, 120, 150),
-    (102, 102, 156), (128, 64, 255), (140, 140, 200), (170, 170, 170), (250, 170, 160), (96, 96, 96),
-    (230, 150, 140), (128, 64, 128), (110, 110, 110), (244, 35, 232), (150, 100, 100), (70, 70, 70),
-    (150, 120, 90), (220, 20, 60), (255, 0, 0), (255, 0, 100), (255, 0, 200), (200, 128, 128),
-    (255, 255, 255), (64, 170, 64), (230, 160, 50), (70, 130, 180), (190, 255, 255), (152, 251, 152),
-    (107, 142, 35), (0, 170, 30), (255, 255, 128), (250, 0, 30), (100, 140, 180), (220, 220, 220),
-    (220, 128, 128), (222, 40, 40), (100, 170, 30), (40, 40, 40), (33, 33, 33), (100, 128, 160), (142, 0, 0),
-    (70, 100, 150), (210, 170, 100), (153, 153, 153), (128, 128, 128), (0, 0, 80), (250, 170, 30),
-    (192, 192, 192), (220, 220, 0), (140, 140, 20), (119, 11, 32), (150, 0, 255), (0, 60, 100), (0, 0, 142),
-    (0, 0, 90), (0, 0, 230), (0, 80, 100), (128, 64, 64), (0, 0, 110), (0, 0, 70), (0, 0, 192), (32, 32, 32),
-    (120, 10, 10), (0, 0, 0),
-]
-
-
-# --dataset NAME -> (class names, palette, layout function): the literal table of what can be read.
+# --dataset NAME -> (class names, layout function): the literal table of what can be read.
 DATASETS = {
-    "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, cityscapes),
-    "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE, ade20k),
-    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, ADE20K_PALETTE[:59], pascal_context59),
-    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, ADE20K_PALETTE[:60], pascal_context60),
-    "coco_stuff10k": (COCO_STUFF_CLASSES, generated_palette(171), coco_stuff10k),
-    "coco_stuff164k": (COCO_STUFF_CLASSES, generated_palette(171), coco_stuff164k),
-    "camvid": (CAMVID_CLASSES, CAMVID_PALETTE, camvid),
-    "mapillary": (MAPILLARY_V12_CLASSES[:65], MAPILLARY_V12_PALETTE[:65], mapillary),
+    "cityscapes": (CITYSCAPES_CLASSES, cityscapes),
+    "ade20k": (ADE20K_CLASSES, ade20k),
+    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, pascal_context59),
+    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, pascal_context60),
+    "coco_stuff10k": (COCO_STUFF_CLASSES, coco_stuff10k),
+    "coco_stuff164k": (COCO_STUFF_CLASSES, coco_stuff164k),
+    "camvid": (CAMVID_CLASSES, camvid),
+    "mapillary": (MAPILLARY_V12_CLASSES[:65], mapillary),
+    "mapillary_cityscapes19": (CITYSCAPES_CLASSES, mapillary_cityscapes19),
 }

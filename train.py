@@ -3,17 +3,18 @@
     python train.py --method fcn --dataset synthetic --backbone resnet18 --iters 300      # CPU or 1 GPU
     torchrun --standalone --nproc_per_node=8 train.py --method galdv1 --dataset cityscapes ...  # DDP
     python train.py --method galdv1 --help                                              # its flags
+    python train.py --eval-only --checkpoint runs/galdv1_cityscapes/best.pt --data-root DIR
     python train.py --method galdv2 --backbone resnet50 --crop-size 512 --benchmark --batch-size 1  # costs
     python train.py --compare-methods fcn,galdv1,galdv2 --dataset synthetic --backbone resnet18 --iters 300
 
 Under torchrun (RANK is set) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
 (SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
-summary.json (last evaluation), last.pt and best.pt (written atomically; --resume continues last.pt).
---benchmark needs no dataset: random input of --crop-size. --compare-methods trains each method in
-turn in this one process (DDP too) and writes OUT/comparison.md beside the run folders OUT/METHOD.
+summary.json (last evaluation), last.pt (everything --resume needs) and best.pt (the weights and the
+flags), both written atomically. A checkpoint carries its model's flags: --eval-only and --predict
+with --checkpoint need no model flags. The extras (--benchmark, --compare-methods' table, --predict,
+--save-maps, --boundary-f, --class-uniform, --extra-data) live in tools/; this file only calls them.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -22,7 +23,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -31,6 +31,7 @@ import galdv1
 import galdv2
 import hier_ms_attn
 import specialize_fuse
+from tools import boundary_f, costs, predict, sampling
 
 # Every method: (add its argument group, build its model). train.py never branches on the name.
 METHODS = {
@@ -41,114 +42,176 @@ METHODS = {
     "specialize_fuse": (specialize_fuse.add_args, specialize_fuse.build_model),
     "hier_ms_attn": (hier_ms_attn.add_args, hier_ms_attn.build_model),
 }
+EXTRAS = (sampling, boundary_f, predict, costs)               # each adds its own argument group
 
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
 
 
-def add_common_args(parser):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's default."""
+
+
+def add_data_args(parser):
+    at_least = lambda n: common.ranged(int, n)
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=["synthetic", *common.DATASETS])
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", *common.DATASETS],
+                   help="what to train on (README: Datasets)")
     g.add_argument("--data-root", help="dataset folder in the layout README.md describes")
+    g.add_argument("--train-split", default="train", help="split trained on; 'train+val' joins two")
     g.add_argument("--val-split", default="val", help="split evaluated (val or test)")
-    g.add_argument("--crop-size", type=int, nargs="+", default=[512], help="train crop: S or H W")
-    g.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], help="random scale range")
-    g.add_argument("--jitter", type=float, default=0.25, help="photometric jitter strength (0 = off)")
-    g.add_argument("--blur", action="store_true", help="random Gaussian blur (HMSA)")
-    g.add_argument("--workers", type=int, default=2, help="data loader processes per GPU/process")
-    g.add_argument("--synthetic-size", type=int, default=128, help="synthetic image side")
-    g.add_argument("--synthetic-length", type=int, default=2000, help="synthetic training images")
-    g.add_argument("--synthetic-val-length", type=int, default=50, help="synthetic evaluation images")
-    g.add_argument("--class-uniform", type=float, default=0.0,
-                   help="share of each epoch's crops centred on class centroids (HMSA Sec. 5.1: 0.5)")
-    g.add_argument("--class-uniform-tile", type=int, default=1024, help="label tile of the centroid index")
-    g.add_argument("--extra-data", help="folder with pairs.txt of extra (auto-labelled) images, train ids")
-    g.add_argument("--extra-ratio", type=float, default=0.5, help="share of crops drawn from --extra-data")
-    g = parser.add_argument_group("model")
+    g.add_argument("--crop-size", type=at_least(1), nargs="+", default=[512], help="train crop: S or H W")
+    g.add_argument("--scale-range", type=common.ranged(float, 0, low_open=True), nargs=2, default=[0.5, 2.0],
+                   help="random scale range")
+    g.add_argument("--jitter", type=common.ranged(float, 0, 1), default=0.25,
+                   help="photometric jitter strength (0 = off)")
+    g.add_argument("--blur", action="store_true", help="Gaussian blur of every crop (HMSA's Mapillary recipe)")
+    g.add_argument("--workers", type=at_least(0), default=2, help="data loader processes per GPU/process")
+    g.add_argument("--synthetic-size", type=at_least(16), default=128, help="synthetic image side")
+    g.add_argument("--synthetic-length", type=at_least(1), default=2000, help="synthetic training images")
+    g.add_argument("--synthetic-val-length", type=at_least(1), default=50, help="synthetic evaluation images")
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model (a checkpoint carries these)")
     g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
-    g.add_argument("--pretrained", help="local ImageNet checkpoint for the backbone (nothing is downloaded)")
     g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
-    g.add_argument("--multi-grid", type=int, nargs="+", help="layer4 dilation multipliers, e.g. 1 2 4")
+    g.add_argument("--multi-grid", type=common.ranged(int, 1), nargs="+",
+                   help="layer4 dilation multipliers, e.g. 1 2 4")
+    g.add_argument("--dilation-style", default="pspnet", choices=common.DILATION_STYLES,
+                   help="pspnet: every block of a dilated stage dilated (the authors' trunks); torchvision: "
+                        "the first block keeps the previous dilation")
+
+
+def add_training_args(parser):
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=8, help="images per process (global = this x processes)")
-    g.add_argument("--iters", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--poly-power", type=float, default=0.9)
-    g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up iterations")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--pretrained", help="local ImageNet checkpoint for the backbone (nothing is downloaded)")
+    g.add_argument("--batch-size", type=common.ranged(int, 1), default=8,
+                   help="images per process (global = this x processes)")
+    g.add_argument("--iters", type=common.ranged(int, 1), default=1000, help="training iterations")
+    g.add_argument("--lr", type=common.ranged(float, 0), default=0.01, help="base learning rate")
+    g.add_argument("--momentum", type=common.ranged(float, 0, 1), default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=common.ranged(float, 0), default=5e-4, help="SGD weight decay")
+    g.add_argument("--poly-power", type=common.ranged(float, 0), default=0.9, help="power of the poly schedule")
+    g.add_argument("--warmup-iters", type=common.ranged(int, 0), default=0, help="linear warm-up iterations")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="keep every BatchNorm's statistics and affine fixed (GALD v2 Sec. IV-D, the coarse-data stage)")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (fp16 with GradScaler)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on tensor cores)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (not the loss); eager, with a message, if it fails")
+                   help="torch.compile the model's forward (falls back to eager, saying why, if it fails)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+
+
+def add_run_args(parser):
+    at_least = lambda n: common.ranged(int, n)
     g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, help="iterations between evaluations (default: at the end)")
-    g.add_argument("--eval-mode", default="whole", choices=["whole", "slide"])
-    g.add_argument("--eval-crop", type=int, default=512, help="sliding-window size")
-    g.add_argument("--eval-stride", type=int, default=341, help="sliding-window stride")
-    g.add_argument("--eval-scales", type=float, nargs="+", default=[1.0], help="e.g. 0.5 1.0 2.0")
+    g.add_argument("--eval-every", type=at_least(1), help="iterations between evaluations (default: at the end)")
+    g.add_argument("--eval-mode", default="whole", choices=["whole", "slide"], help="whole image or sliding window")
+    g.add_argument("--eval-crop", type=at_least(1), default=512, help="sliding-window size")
+    g.add_argument("--eval-stride", type=at_least(1), default=341, help="sliding-window stride")
+    g.add_argument("--eval-scales", type=common.ranged(float, 0, low_open=True), nargs="+", default=[1.0],
+                   help="e.g. 0.5 1.0 2.0")
     g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    g.add_argument("--boundary-f", action="store_true",
-                   help="also boundary F-score at 3/5/9/12 px (GALDv2 Table V, GSCNN protocol)")
-    g.add_argument("--save-maps", type=int, default=0, metavar="N",
-                   help="write the model's maps and predictions of the first N evaluation images")
-    g = parser.add_argument_group("prediction and auto-labelling")
-    g.add_argument("--predict", nargs="+", metavar="PATH", help="images or folders to label with --checkpoint")
-    g.add_argument("--min-confidence", type=float, default=0.0,
-                   help="auto-labels: pixels whose max probability is below this become 255 (HMSA: 0.9)")
-    g.add_argument("--label-ids", action="store_true", help="also write Cityscapes labelIds (test server)")
-    g.add_argument("--out", help="run folder (default runs/METHOD_DATASET)")
+    g.add_argument("--out", help="output folder (default runs/METHOD_DATASET; with --checkpoint, "
+                                 "eval-SPLIT/ or predict/ beside it)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and stop")
-    g.add_argument("--checkpoint", help="model weights to evaluate (--eval-only) or to start from")
+    g.add_argument("--checkpoint", help="a train.py checkpoint: evaluated (--eval-only), used to label "
+                                        "(--predict) or trained on from (its flags are then not taken)")
     g.add_argument("--finetune", action="store_true",
-                   help="start from --checkpoint with another class count: mismatched layers start fresh")
-    g.add_argument("--save-every", type=int, default=1000, help="iterations between last.pt writes")
-    g.add_argument("--log-every", type=int, default=20)
-    g = parser.add_argument_group("costs and comparison")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--benchmark", action="store_true",
-                      help="print the costs of --method at --crop-size on random input (no dataset): parameters, "
-                           "GFLOPs, median forward and forward+backward time, peak memory")
-    mode.add_argument("--compare-methods", metavar="M1,M2,...",
-                      help="train and evaluate each method with the same flags (its own flags at their defaults) "
-                           "and write OUT/comparison.md")
-    g.add_argument("--benchmark-iters", type=int, default=5, help="timed calls (the median is reported)")
-    g.add_argument("--benchmark-warmup", type=int, default=2, help="untimed calls before them")
-    g.add_argument("--num-classes", type=int, default=19,
-                   help="classes of the benchmark's random target (training takes them from the dataset)")
+                   help="with --checkpoint in training: layers it lacks or holds in another shape start fresh")
+    g.add_argument("--save-every", type=at_least(1), default=1000, help="iterations between last.pt writes")
+    g.add_argument("--log-every", type=at_least(1), default=20, help="iterations between progress lines")
 
 
 def build_parser(method=None):
-    """The common flags, and the method's own group when one is given."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The common flags, the extras' groups, and the method's own group when one is given.
+    parser.model_flags: the flags that define the model, which a checkpoint carries."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--method", default="fcn", choices=list(METHODS), help="the paper to run")
-    add_common_args(parser)
+    add_data_args(parser)
+    first_model_flag = len(parser._actions)
+    add_model_args(parser)
+    model_flags = ["method", *(a.dest for a in parser._actions[first_model_flag:])]
+    add_training_args(parser)
+    add_run_args(parser)
+    for extra in EXTRAS:
+        extra.add_args(parser)
     if method:
+        first_method_flag = len(parser._actions)
         METHODS[method][0](parser)
+        model_flags += [a.dest for a in parser._actions[first_method_flag:]]
+    parser.model_flags = model_flags
     return parser
 
 
+def given_flags(parser, argv):
+    """The flags (dests) written on the command line: every default is a marker that parsing keeps."""
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions})
+    parser.parse_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
 def parse_args(argv=None):
-    """Two passes: --method first, then the common flags plus that method's own group (no method's
-    group with --compare-methods: every compared method keeps its own defaults)."""
+    """Three steps: --method (or the checkpoint's), then the common flags plus that method's own
+    group (no method's group with --compare-methods: every compared method keeps its own defaults),
+    then, for --eval-only / --predict, the model flags the checkpoint carries."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="fcn", choices=list(METHODS))
-    pre.add_argument("--compare-methods")
+    for flag in ("--method", "--compare-methods", "--checkpoint"):
+        pre.add_argument(flag)
+    pre.add_argument("--eval-only", action="store_true")
+    pre.add_argument("--predict", nargs="+")
     known = pre.parse_known_args(argv)[0]
-    parser = build_parser(None if known.compare_methods else known.method)
+    saved = checkpoint_flags(known.checkpoint) if known.checkpoint and (known.eval_only or known.predict) else None
+    method = known.method or (saved or {}).get("method") or "fcn"
+    parser = build_parser(None if known.compare_methods else method)
     args = parser.parse_args(argv)
     if len(args.crop_size) > 2:
-        parser.error("--crop-size takes one or two numbers")
+        parser.error("argument --crop-size: takes one or two numbers")
     args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
-    name = "compare" if args.compare_methods else args.method
-    args.out = args.out or os.path.join("runs", f"{name}_{args.dataset}")
+    if saved:
+        take_checkpoint_flags(args, saved, parser.model_flags, given_flags(parser, argv), known.checkpoint)
+    args.out = args.out or default_out(args)
     check_flags(args)
     return args
+
+
+def checkpoint_flags(path):
+    """The flags a train.py checkpoint was written with; None for a plain state_dict, or a missing
+    file (which loading the weights then reports)."""
+    if not os.path.isfile(path):
+        return None
+    saved = common.load_checkpoint(path).get("args")
+    return saved if isinstance(saved, dict) else None
+
+
+def take_checkpoint_flags(args, saved, model_flags, given, path):
+    """The model flags come from the checkpoint; one given on the command line must agree with it.
+    The dataset too, unless given (evaluate on another dataset of the same classes)."""
+    for dest in model_flags:
+        if dest not in saved:
+            continue
+        if dest in given and getattr(args, dest) != saved[dest]:
+            raise common.InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from {path}'s "
+                                    f"{saved[dest]}: leave the model flags out, the checkpoint carries them")
+        setattr(args, dest, saved[dest])
+    if "dataset" not in given and "dataset" in saved:
+        args.dataset = saved["dataset"]
+
+
+def default_out(args):
+    """runs/METHOD_DATASET for training; beside the checkpoint for --eval-only and --predict, so that
+    they never write into the training run's summary.json."""
+    if args.checkpoint and (args.eval_only or args.predict):
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        return os.path.join(folder, "predict" if args.predict else f"eval-{args.val_split}")
+    return os.path.join("runs", f"{'compare' if args.compare_methods else args.method}_{args.dataset}")
 
 
 def check_flags(args):
@@ -157,10 +220,27 @@ def check_flags(args):
         raise common.InputError("--eval-only needs --checkpoint (the trained model)")
     if args.predict and not args.checkpoint:
         raise common.InputError("--predict needs --checkpoint (the trained model)")
+    if args.finetune and (args.eval_only or args.predict or not args.checkpoint):
+        raise common.InputError("--finetune starts training from --checkpoint: it needs --checkpoint and "
+                                "cannot go with --eval-only or --predict (which need every layer trained)")
     if args.predict and args.label_ids and args.dataset != "cityscapes":
         raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
     if args.eval_mode == "slide":
         common.check_window(args.eval_crop, args.eval_stride)
+
+
+def check_out_folder(path):
+    """--out must be (or become) a folder this process can write: checked before any work starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise common.InputError(f"--out {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise common.InputError(f"--out {path} is not a writable folder ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,31 +262,45 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def save_checkpoint(path, model, optimizer, scaler, iteration, best_miou, args):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. The
+def save_checkpoint(path, model, args, iteration, best_miou, optimizer=None, scaler=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and a
+    failed write (a full disk) removes the temporary file and keeps the previous checkpoint. With an
+    optimizer (last.pt) everything --resume needs; without (best.pt) the weights and the flags. The
     CUDA RNG state is that of the model's GPU (None on CPU)."""
-    device = next(model.parameters()).device
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "iteration": iteration, "best_miou": best_miou, "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-             "args": {k: v for k, v in vars(args).items()}}
+    state = {"model": model.state_dict(), "iteration": iteration, "best_miou": best_miou, "args": vars(args).copy()}
+    if optimizer is not None:
+        device = next(model.parameters()).device
+        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng_cpu=torch.get_rng_state(),
+                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                       # a full disk surfaces as either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous one is kept" if os.path.isfile(path) else "none was written before"
+        raise common.InputError(f"cannot write checkpoint {path} ({str(e).strip()[:120]}): {kept}") from None
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise common.InputError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+RESUME_KEYS = ("model", "optimizer", "scaler", "iteration", "best_miou", "rng_cpu", "rng_cuda")
 
 
 def resume(path, raw_model, optimizer, scaler, device, rank):
     """Continue last.pt: weights, optimiser, GradScaler (kept fresh when the saved state is empty:
     the run had --amp off or bf16), RNG state. Returns (iteration, best mIoU)."""
-    state = load_checkpoint(path)
-    raw_model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    state = common.load_checkpoint(path)
+    lacking = [k for k in RESUME_KEYS if k not in state]
+    if lacking:
+        raise common.InputError(f"{path} is not a last.pt of this project (it lacks {', '.join(lacking)}): "
+                                f"move it away or use another --out")
+    saved = state.get("args") or {}
+    try:
+        common.load_state(raw_model, common.weights_in(state, path), path)
+        optimizer.load_state_dict(state["optimizer"])
+    except (common.InputError, ValueError) as e:
+        was = f" (it was written by --method {saved.get('method')} --backbone {saved.get('backbone')})" if saved else ""
+        raise common.InputError(f"cannot resume: {e}{was}") from None
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -217,167 +311,125 @@ def resume(path, raw_model, optimizer, scaler, device, rank):
     return state["iteration"], state["best_miou"]
 
 
-def load_weights(model, path, finetune=False):
-    """Load --checkpoint into model. A missing or unexpected key is an error; a key whose shape
-    differs (a classifier when the class count changes) is an error unless finetune, which keeps
-    those layers freshly initialised and lists them."""
-    state, own = model_weights(path), model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or (reshaped and not finetune):
-        raise common.InputError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}, "
-                                f"different shapes {reshaped}" + (" (--finetune keeps those new)" if reshaped else ""))
-    if reshaped:
-        print(f"--finetune: kept freshly initialised (shapes differ): {reshaped}")
-    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=not reshaped)
-
-
-def model_weights(path):
-    state = load_checkpoint(path)
-    return state["model"] if "model" in state else state
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def eval_logits(model, image, out_size, args, device):
-    """common.infer as the flags say (--eval-mode, --eval-crop, --eval-stride, --eval-scales, --flip, --amp)."""
-    with autocast(args, device):
-        return common.infer(model, image, out_size, args.eval_mode, args.eval_crop, args.eval_stride,
-                            tuple(args.eval_scales), args.flip)
+def evaluation_extras(model, dataset, args, device):
+    """What an evaluation adds beside the confusion matrix: --boundary-f, --save-maps (tools/)."""
+    extras = []
+    if args.boundary_f:
+        extras.append(boundary_f.BoundaryF(dataset.num_classes, dataset.class_names, device))
+    if args.save_maps:
+        extras.append(predict.MapSaver(model, args.dataset, args))
+    return extras
 
 
 @torch.no_grad()
 def evaluate(model, dataset, args, rank, world, device):
     """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
-    the confusion matrices (and boundary counts) are summed over ranks. Under DDP every rank first
-    takes rank 0's buffers (plain BN on CPU keeps per-rank running statistics)."""
+    the confusion matrices (and the extras' counts) are summed over ranks. Under DDP every rank
+    first takes rank 0's buffers (plain BN on CPU keeps per-rank running statistics). Leaves the
+    model in eval mode."""
     if world > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     model.eval()
-    tic = time.time()
+    tic, extras = time.time(), evaluation_extras(model, dataset, args, device)
     K, indices = dataset.num_classes, range(rank, len(dataset), world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                         num_workers=args.workers)
+                                         num_workers=args.workers, worker_init_fn=die_with_parent)
     cm = torch.zeros(K, K, dtype=torch.long, device=device)
-    bf = torch.zeros(len(common.BOUNDARY_TOLERANCES), K, 4, dtype=torch.long, device=device)
     for index, (image, label) in zip(indices, loader):
         image, label = image.to(device), label.to(device)
         if args.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        pred = eval_logits(model, image, label.shape[-2:], args, device).argmax(1)
+        pred = common.infer_as_flagged(model, image, label.shape[-2:], args).argmax(1)
         cm += common.confusion_matrix(pred, label, K)
-        if args.boundary_f:
-            bf += common.boundary_f_counts(pred[0], label[0], K)
-        if index < args.save_maps:
-            save_maps(model, image, pred[0], index, dataset, args, device)
+        for extra in extras:
+            extra.add(index, image, pred, label)
     if world > 1:
         dist.all_reduce(cm)
-        dist.all_reduce(bf)
-    model.train()
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
-    if args.boundary_f:
-        metrics["boundary_f"] = common.boundary_f_scores(bf.cpu(), class_names=dataset.class_names)
+    for extra in extras:
+        metrics.update(extra.result(world))
     metrics["eval_img_per_s"] = round(len(dataset) / (time.time() - tic), 3)
     return metrics
 
 
-def save_maps(model, image, pred, index, dataset, args, device):
-    """OUT/maps/NNNN_pred.png and one heat map per channel of each entry of the model's 'maps'."""
-    folder = os.path.join(args.out, "maps")
-    os.makedirs(folder, exist_ok=True)
-    common.colorize(pred.cpu(), dataset.palette).save(os.path.join(folder, f"{index:04d}_pred.png"))
-    with autocast(args, device):
-        maps = model.maps(image, tuple(args.eval_scales))
-    for name, value in maps.items():
-        value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
-        for m, channel in enumerate(value.clamp(0, 1).cpu()):
-            common.heatmap(channel.numpy()).save(os.path.join(folder, f"{index:04d}_{name}_{m}.png"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Prediction and auto-labelling (HMSA Sec. 4)
-
-
-def image_files(paths):
-    """[(image path, output name)]: a folder's images keep their sub-folders in the output name."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                           if f.lower().endswith((".png", ".jpg", ".jpeg")))
-            files += [(f, os.path.splitext(os.path.relpath(f, path))[0] + ".png") for f in found]
-        elif os.path.isfile(path):
-            files.append((path, os.path.splitext(os.path.basename(path))[0] + ".png"))
-        else:
-            raise common.InputError(f"--predict: no such file or folder {path}")
-    if not files:
-        raise common.InputError(f"--predict: no .png/.jpg images in {paths}")
-    names = [n for _, n in files]
-    clash = sorted({n for n in names if names.count(n) > 1})
-    if clash:
-        raise common.InputError(f"--predict: several images would be written to {clash[:5]}")
-    return files
-
-
-@torch.no_grad()
-def predict(model, args, rank, world, device):
-    """Label every image: OUT/labels (train ids; 255 where the max probability < --min-confidence),
-    OUT/color, OUT/overlay, OUT/labelIds with --label-ids, and OUT/pairs.txt for --extra-data."""
-    model.eval()
-    files = image_files(args.predict)
-    _, palette = common.dataset_classes(args.dataset)
-    kinds = ["labels", "color", "overlay"] + ["labelIds"] * args.label_ids
-    for kind in kinds:
-        for folder in {os.path.dirname(os.path.join(args.out, kind, n)) for _, n in files}:
-            os.makedirs(folder, exist_ok=True)
-    for path, name in files[rank::world]:
-        image = common.read_image(path)
-        x = common.to_normalized_tensor(image)[None].to(device)
-        confidence, label = eval_logits(model, x, x.shape[-2:], args, device).softmax(1).max(1)
-        label[confidence < args.min_confidence] = common.IGNORE_INDEX
-        label = label[0].byte().cpu().numpy()
-        Image.fromarray(label).save(os.path.join(args.out, "labels", name))
-        color = common.colorize(label, palette)
-        color.save(os.path.join(args.out, "color", name))
-        Image.blend(image, color, 0.5).save(os.path.join(args.out, "overlay", name))
-        if args.label_ids:
-            Image.fromarray(common.CITYSCAPES_TRAIN_ID_TO_ID[label]).save(os.path.join(args.out, "labelIds", name))
-    if rank == 0:
-        with open(os.path.join(args.out, "pairs.txt"), "w") as f:
-            f.writelines(f"{os.path.abspath(p)} labels/{n}\n" for p, n in files)
-        print(f"labelled {len(files)} images into {args.out}")
+def check_labels(dataset, rank):
+    """One pass over the evaluation labels before training, so that a bad label stops the run now,
+    not at its first evaluation hours later."""
+    for i in range(len(dataset)):
+        dataset.load_label(i)
+        if rank == 0 and ((i + 1) % 100 == 0 or i + 1 == len(dataset)):
+            print(f"checked {i + 1}/{len(dataset)} {dataset.name} evaluation labels", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def autocast(args, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def die_with_parent(worker_id):
+    """DataLoader workers exit with their parent, even when it is killed with SIGKILL (Linux)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                           # not Linux: the workers' own watchdog
+        pass
 
 
-def train_step(model, raw_model, optimizer, scaler, images, labels, args, device, world):
-    """One SGD step; returns the loss terms as floats. Stops on a non-finite loss on any rank."""
-    with autocast(args, device):
+def set_training_mode(model, freeze_bn):
+    """model.train(), with every BatchNorm kept in eval mode under --freeze-bn."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def train_step(model, raw_model, optimizer, scaler, images, labels, args, device):
+    """One SGD step; returns the loss terms as detached device tensors: nothing here waits for the
+    GPU (train() reads them, and checks they are finite, only at logging and saving)."""
+    with common.autocast(args.amp, device):
         outputs = model(images)
     losses = raw_model.loss(outputs, labels)
-    finite = torch.isfinite(losses["total"].detach()).float()
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 0:
-        last = os.path.join(args.out, "last.pt")
-        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else \
-            f"no checkpoint was written yet (--save-every {args.save_every})"
-        raise common.InputError(f"the loss is not finite ({losses['total'].item()}): training stopped; {kept}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    return {k: v.item() for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items()}
+
+
+class Health:
+    """What train() checks at logging and saving, accumulated on the device without a sync: the
+    first iteration whose loss was not finite, and the labelled pixels seen since the last check."""
+
+    def __init__(self, device):
+        self.bad_iter = torch.tensor(-1, device=device)
+        self.labelled = torch.tensor(0, device=device)
+
+    def add(self, it, total, labels):
+        first_bad = (self.bad_iter < 0) & ~torch.isfinite(total)
+        self.bad_iter = torch.where(first_bad, torch.full_like(self.bad_iter, it + 1), self.bad_iter)
+        self.labelled = self.labelled + (labels != common.IGNORE_INDEX).sum()
+
+    def check(self, args, world):
+        """Stops the run (InputError) if a loss was not finite; returns the labelled pixel count
+        since the last check (summed over ranks) and resets it."""
+        state = torch.stack([self.bad_iter, self.labelled])
+        if world > 1:
+            dist.all_reduce(state)                             # any rank's bad step stops every rank
+        bad_iter, labelled = state.tolist()
+        if bad_iter != -world:                                 # every rank's 'none yet' is -1
+            last = os.path.join(args.out, "last.pt")
+            kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else \
+                f"no checkpoint was written yet (--save-every {args.save_every})"
+            at = f" at iteration {bad_iter}" if world == 1 else ""
+            raise common.InputError(f"the loss is not finite{at}: training stopped; {kept}")
+        self.labelled.zero_()
+        return labelled
 
 
 def strict_json(value):
@@ -389,6 +441,17 @@ def strict_json(value):
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
     return value
+
+
+def drop_cut_line(path):
+    """A run killed while appending to metrics.jsonl may leave a last line without its newline:
+    remove it, so that the file stays valid JSON lines."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
 
 
 def log(rank, args, record, line=None):
@@ -406,60 +469,33 @@ def progress_line(it, args, losses, lr, speed):
     return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
 
 
-def class_index_path(args, num_images):
-    """The cache file of the class-uniform index, keyed by dataset, data (--data-root, or the
-    synthetic seed and size), image count and tile."""
-    data = os.path.abspath(args.data_root) if args.data_root else f"seed {args.seed} size {args.synthetic_size}"
-    key = hashlib.sha1(data.encode()).hexdigest()[:8]
-    return os.path.join(args.out, f"class_uniform_{args.dataset}_{num_images}_{args.class_uniform_tile}_{key}.json")
-
-
-def class_index(args, train_set, rank, world):
-    """The class-uniform centroid index, cached in the run folder. Each rank indexes its share of
-    the images (rank, rank + world, ...), the shares are merged on every rank (all_gather_object),
-    and rank 0 writes the cache: no rank waits alone past NCCL's timeout."""
-    path = class_index_path(args, len(train_set))
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    shard = common.class_centroids(train_set, args.class_uniform_tile, progress=rank == 0,
-                                   images=range(rank, len(train_set), world))
-    shards = [shard]
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, shard)
-    index = common.merge_centroids(shards)
-    if rank == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(index, f)
-        os.replace(path + ".tmp", path)
-    return index
-
-
 def train_loader(args, train_set, start_iter, rank, world, device):
-    """This rank's endless, resumable loader: TrainSampler over the training set (class-uniform
-    centres with --class-uniform, the --extra-data mix)."""
-    main_set, centroids, num_extra = train_set, None, 0
-    if args.class_uniform > 0:
-        centroids = class_index(args, train_set, rank, world)
-    if args.extra_data:
-        extra = common.extra_dataset(args.extra_data, train_set.class_names, train_set.palette, train_set.transform)
-        train_set, num_extra = common.MixedDataset(train_set, extra), len(extra)
-    sampler = common.TrainSampler(len(main_set), args.batch_size, rank, world, args.seed, start_iter,
-                                  centroids, args.class_uniform, num_extra, args.extra_ratio)
-    return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                       num_workers=args.workers, pin_memory=device.type == "cuda",
-                                       drop_last=True, generator=torch.Generator())
+    """This rank's endless, resumable loader: common.TrainSampler, or tools/sampling.py's mix of
+    class-uniform centres and --extra-data. Returns (loader, iterations per epoch)."""
+    if sampling.used(args):
+        train_set, sampler = sampling.mixed_training_data(args, train_set, start_iter, rank, world)
+    else:
+        sampler = common.TrainSampler(len(train_set), args.batch_size, rank, world, args.seed, start_iter)
+    per_epoch = len(sampler.epoch_items(0)) // sampler.global_batch
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, generator=torch.Generator(),
+                                         prefetch_factor=4 if args.workers else None,
+                                         persistent_workers=args.workers > 0, worker_init_fn=die_with_parent)
+    return loader, per_epoch
 
 
 def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
     """Iterations start_iter .. --iters, evaluated every --eval-every and at the end; returns the last
-    metrics. A resumed run that had already finished is evaluated once (its training speed is the
-    one its summary.json recorded)."""
+    metrics. last.pt is written every --save-every, before every evaluation and at the end, and only
+    after the loss was checked finite. A resumed run that had already finished is evaluated once
+    (its training speed is the one its summary.json recorded)."""
     if start_iter >= args.iters:
         return record_evaluation(raw_model, val_set, args, start_iter, stored_train_speed(args), rank, world, device)
-    batches, tic, metrics = iter(train_loader(args, train_set, start_iter, rank, world, device)), time.time(), None
-    eval_every = args.eval_every or args.iters
+    loader, per_epoch = train_loader(args, train_set, start_iter, rank, world, device)
+    batches, tic, metrics, health = iter(loader), time.time(), None, Health(device)
+    eval_every, labelled_in_epoch = args.eval_every or args.iters, 0
+    set_training_mode(raw_model, args.freeze_bn)
     for it in range(start_iter, args.iters):
         lr = common.poly_lr(args.lr, it, args.iters, args.poly_power, args.warmup_iters)
         for group in optimizer.param_groups:
@@ -468,20 +504,34 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args, device, world)
-        if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
-            speed = (it + 1 - start_iter) / (time.time() - tic)
-            log(rank, args, {"iter": it + 1, "lr": lr, **losses}, progress_line(it, args, losses, lr, speed))
-        if (it + 1) % eval_every == 0 or it + 1 == args.iters:
+        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args, device)
+        health.add(it, losses["total"], labels)
+        done, evaluating = it + 1, (it + 1) % eval_every == 0 or it + 1 == args.iters
+        saving = evaluating or done % args.save_every == 0
+        if done % args.log_every == 0 or saving or done - start_iter == per_epoch:
+            labelled = health.check(args, world)
+            labelled_in_epoch += labelled
+            if done % args.log_every == 0 or done == args.iters:
+                speed = (done - start_iter) / (time.time() - tic)
+                values = {k: v.item() for k, v in losses.items()}
+                warning = "" if labelled else " | warning: no labelled pixel in these batches"
+                log(rank, args, {"iter": done, "lr": lr, **values},
+                    progress_line(it, args, values, lr, speed) + warning)
+            if done - start_iter == per_epoch and labelled_in_epoch == 0:
+                raise common.InputError(f"a whole epoch ({per_epoch} iterations) of {train_set.name} held no "
+                                        f"labelled pixel (every label is {common.IGNORE_INDEX}): nothing trains")
+        if rank == 0 and saving:
+            save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
+        if evaluating:
             eval_start = time.time()
-            speed = round((it + 1 - start_iter) / (eval_start - tic), 3)
-            metrics = record_evaluation(raw_model, val_set, args, it + 1, speed, rank, world, device)
+            speed = round((done - start_iter) / (eval_start - tic), 3)
+            metrics = record_evaluation(raw_model, val_set, args, done, speed, rank, world, device)
+            set_training_mode(raw_model, args.freeze_bn)
             if rank == 0 and metrics["mIoU"] > best:
                 best = metrics["mIoU"]
-                save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, optimizer, scaler, it + 1, best, args)
+                save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, args, done, best)
+                save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
             tic += time.time() - eval_start                    # evaluation is not training time
-        if rank == 0 and ((it + 1) % args.save_every == 0 or it + 1 == args.iters):
-            save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, optimizer, scaler, it + 1, best, args)
     return metrics
 
 
@@ -522,32 +572,46 @@ def seed_ranks(args, rank, world, start_iter):
         torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + rank)
 
 
+def build(args, device, rank):
+    """The model of --method on `device`: channels_last, --freeze-bn, --compile, --checkpoint applied."""
+    raw_model = METHODS[args.method][1](args).to(device)
+    if args.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    if args.freeze_bn:
+        for m in raw_model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+    if args.compile:
+        costs.compile_forward(raw_model, log=print if rank == 0 else lambda line: None)
+    if args.checkpoint:
+        common.load_weights(raw_model, args.checkpoint, args.finetune)
+    return raw_model
+
+
 def run(args):
     """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics)."""
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
+    check_out_folder(args.out)
+    if rank == 0:
+        print(f"writing to {os.path.abspath(args.out)}", flush=True)
     if args.predict:
         train_set = val_set = None
-        args.num_classes = len(common.dataset_classes(args.dataset)[0])
+        args.num_classes = len(common.dataset_classes(args.dataset))
     else:
         train_set, val_set = common.build_datasets(args)
         args.num_classes = train_set.num_classes
-    os.makedirs(args.out, exist_ok=True)
-    raw_model = METHODS[args.method][1](args).to(device)
-    if args.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    if args.compile:
-        common.compile_forward(raw_model, log=print if rank == 0 else lambda line: None)
-    if args.checkpoint:
-        load_weights(raw_model, args.checkpoint, args.finetune)
+    raw_model = build(args, device, rank)
     if args.predict:
-        return raw_model, predict(raw_model, args, rank, world, device)
+        return raw_model, predict.predict(raw_model, args, rank, world, device)
     if args.eval_only:
         metrics = evaluate(raw_model, val_set, args, rank, world, device)
         if rank == 0:
             print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
             write_summary(args, metrics, None)
+            print(f"wrote {os.path.join(args.out, 'summary.json')}")
         return raw_model, metrics
+    check_labels(val_set, rank)
     model = raw_model
     if world > 1:
         if device.type == "cuda":
@@ -560,100 +624,30 @@ def run(args):
     last = os.path.join(args.out, "last.pt")
     if args.resume and os.path.isfile(last):
         start_iter, best = resume(last, raw_model, optimizer, scaler, device, rank)
+        if rank == 0:
+            drop_cut_line(os.path.join(args.out, "metrics.jsonl"))
     seed_ranks(args, rank, world, start_iter)
     if rank == 0:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {world} process(es), {device}")
     metrics = train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device)
+    if rank == 0:
+        print(f"wrote {', '.join(sorted(os.listdir(args.out)))} in {args.out}")
     return raw_model, metrics
 
 
 # ----------------------------------------------------------------------------------------------
-# Costs (--benchmark) and the side-by-side comparison (--compare-methods)
-
-
-def random_batch(args, device, batch_size):
-    """A random image batch of --crop-size and a random target of --num-classes: no dataset needed."""
-    H, W = args.crop_size
-    x = torch.randn(batch_size, 3, H, W, device=device)
-    y = torch.randint(args.num_classes, (batch_size, H, W), device=device)
-    return (x.contiguous(memory_format=torch.channels_last) if args.channels_last else x), y
-
-
-def inference(model, x, args, device):
-    """The evaluation forward as the eval flags say (--eval-mode, --eval-scales, --flip), as a call."""
-    def call():
-        model.eval()
-        return eval_logits(model, x, x.shape[-2:], args, device)
-    return call
-
-
-def training_step(model, x, y, args, device):
-    """A training step without the optimiser: forward in training mode, the loss, backward."""
-    def call():
-        model.train()
-        model.zero_grad(set_to_none=True)
-        with autocast(args, device):
-            outputs = model(x)
-        model.loss(outputs, y)["total"].backward()
-    return call
+# --benchmark and --compare-methods (their measuring and writing live in tools/costs.py)
 
 
 def benchmark(args):
-    """Parameters, forward GFLOPs (eval flags applied) and training-step GFLOPs, median times and
-    peak memory of --method on a random --batch-size x 3 x --crop-size input. FLOPs and memory are
-    measured eagerly; the times with --compile when it is given. A model that cannot train on this
-    batch (BatchNorm after a global pooling at batch 1) gets the forward figures only."""
+    """tools/costs.benchmark on the model of --method; returns (model, its figures)."""
     rank, _, device = setup_distributed(args.device)
-    say = print if rank == 0 else lambda line: None
     torch.manual_seed(args.seed)
     model = METHODS[args.method][1](args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    x, y = random_batch(args, device, args.batch_size)
-    phases = {"forward": inference(model, x, args, device), "train_step": training_step(model, x, y, args, device)}
-    r = {"method": args.method, "backbone": args.backbone, "input": [args.batch_size, 3, *args.crop_size],
-         "eval": f"{args.eval_mode}, scales {' '.join(map(str, args.eval_scales))}" + ", flip" * args.flip,
-         "amp": args.amp, "channels_last": args.channels_last, "device": str(device),
-         **{f"params_{k}": v for k, v in common.parameter_counts(model).items()}}
-    for name in list(phases):
-        try:
-            r[f"gflops_{name}"] = common.count_flops(phases[name]) / 1e9
-        except ValueError as e:                               # "Expected more than 1 value per channel"
-            say(f"benchmark: the {name.replace('_', ' ')} fails at --batch-size {args.batch_size} ({e}): "
-                f"its figures are left empty")
-            r[f"gflops_{name}"], r[f"{name}_peak_mib"], r[f"{name}_ms"] = None, None, None
-            del phases[name]
-    held = [*model.parameters(), *model.buffers(), x, y]
-    for name, fn in phases.items():
-        model.zero_grad(set_to_none=True)
-        r[f"{name}_peak_mib"] = common.peak_memory(fn, device, held) / 2 ** 20
-    if args.compile:
-        common.compile_forward(model, log=say)
-    for name, fn in phases.items():
-        r[f"{name}_ms"] = 1000 * common.median_seconds(fn, args.benchmark_iters, args.benchmark_warmup, device)
-    r["compiled"] = common.is_compiled(model)
-    r["memory"] = "CUDA allocator peak" if device.type == "cuda" else "live CPU tensors (eager)"
-    say(benchmark_table(r))
-    say(json.dumps(r))
-    return model, r
-
-
-def benchmark_table(r):
-    """The benchmark's figures as a Markdown table (n/a where a phase could not run)."""
-    M = lambda n: f"{n / 1e6:.2f}M"
-    f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
-    rows = [("input", "x".join(map(str, r["input"])) + f" on {r['device']}, amp {r['amp']}, channels_last "
-             f"{r['channels_last']}, compiled {r['compiled']}"),
-            ("parameters: total = backbone + head", f"{M(r['params_total'])} = {M(r['params_backbone'])} + "
-             f"{M(r['params_head'])}"),
-            (f"forward GFLOPs (eval: {r['eval']})", f(r["gflops_forward"], "{:.2f}")),
-            ("training step GFLOPs (forward + backward)", f(r["gflops_train_step"], "{:.2f}")),
-            ("forward time (median)", f(r["forward_ms"], "{:.1f} ms")),
-            ("training step time (median, no optimiser step)", f(r["train_step_ms"], "{:.1f} ms")),
-            (f"peak memory: forward / training step ({r['memory']})",
-             f"{f(r['forward_peak_mib'], '{:.0f}')} / {f(r['train_step_peak_mib'], '{:.0f}')} MiB")]
-    return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return model, costs.benchmark(model, args, device, say=print if rank == 0 else lambda line: None)
 
 
 def method_args(args, method):
@@ -662,21 +656,6 @@ def method_args(args, method):
     defaults = vars(build_parser(method).parse_args([]))
     return argparse.Namespace(**{**defaults, **vars(args), "method": method, "compare_methods": None,
                                  "boundary_f": True, "out": os.path.join(args.out, method)})
-
-
-COMPARISON_COLUMNS = ("method", "mIoU", "aAcc", "BF 3px", "params (M)", "GFLOPs", "train it/s", "eval img/s")
-COMPARISON_FORMATS = ("{}",) + ("{:.2f}",) * 7
-
-
-def comparison_row(model, metrics, args):
-    """One line of comparison.md; GFLOPs of one --crop-size image with the eval flags."""
-    device = next(model.parameters()).device
-    x, _ = random_batch(args, device, 1)
-    gflops = common.count_flops(inference(model, x, args, device)) / 1e9
-    values = (metrics["mIoU"], metrics["aAcc"], metrics["boundary_f"]["3px"]["mBF"],
-              common.parameter_counts(model)["total"] / 1e6, gflops, metrics["train_it_per_s"],
-              metrics["eval_img_per_s"])
-    return dict(zip(COMPARISON_COLUMNS, (args.method, *values)))
 
 
 def compare_methods(args):
@@ -693,35 +672,15 @@ def compare_methods(args):
             print(f"== compare {i + 1}/{len(methods)}: {method} ==", flush=True)
         margs = method_args(args, method)
         model, metrics = run(margs)
-        rows.append(comparison_row(model, metrics, margs))
+        rows.append(costs.comparison_row(model, metrics, margs))
     if rank == 0:
-        write_comparison(os.path.join(args.out, "comparison.md"), rows, args, world)
+        costs.write_comparison(os.path.join(args.out, "comparison.md"), rows, args, world)
     return rows
 
 
-def write_comparison(path, rows, args, world):
-    """OUT/comparison.md: the settings in one paragraph, then one table row per method."""
-    (H, W), scales = args.crop_size, " ".join(map(str, args.eval_scales))
-    settings = (f"{args.dataset}, {args.backbone}, crop {H}x{W}, {args.iters} iterations of batch {args.batch_size} "
-                f"x {world} process(es), seed {args.seed}; evaluation {args.eval_mode}, scales {scales}"
-                f"{', flip' if args.flip else ''}. Each method's own flags at their defaults. BF 3px: boundary "
-                f"F-score within 3 pixels. GFLOPs: one {H}x{W} image through the evaluation forward. "
-                f"Speeds include data loading. Run folders: {args.out}/METHOD.")
-    lines = ["# Method comparison", "", settings, "",
-             "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
-    for row in rows:
-        cells = ("n/a" if row[c] is None else fmt.format(row[c])           # n/a: a speed not recorded
-                 for c, fmt in zip(COMPARISON_COLUMNS, COMPARISON_FORMATS))
-        lines.append("| " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
-
-
 def main(argv=None):
-    """Run as the flags say. Training or evaluation returns (model, last metrics); --benchmark
-    returns (model, its figures); --compare-methods returns (None, one row per method)."""
+    """Run as the flags say. Training or evaluation returns (model, last metrics); --predict returns
+    (model, images labelled); --benchmark (model, its figures); --compare-methods (None, its rows)."""
     args = parse_args(argv)
     if args.compare_methods:
         return None, compare_methods(args)
@@ -736,12 +695,18 @@ def error_message(e):
     return text.splitlines()[-1].split("InputError: ", 1)[-1] if "Traceback" in text else text
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: bad input prints one line (`error: ...`) and exits with 2, no traceback."""
     try:
-        main()
+        main(argv)
+        return 0
     except common.InputError as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -21,13 +21,36 @@ def test_backbone_shapes(depth, stem, output_stride):
         assert f.shape == (1, ch, 64 // s, 64 // s)
 
 
-def test_dilations_follow_torchvision_and_multi_grid():
+def test_dilations_follow_the_authors_by_default_and_torchvision_as_a_switch():
+    """The authors' trunks (PSPNet convention) dilate every block of layer3 by 2 and of layer4 by 4;
+    torchvision keeps the previous dilation in a stage's first block; a multi-grid multiplies all."""
     net = common.ResNet(50, 8)
-    assert [b.conv2.dilation[0] for b in net.layer3] == [1] + [2] * 5
-    assert [b.conv2.dilation[0] for b in net.layer4] == [2, 4, 4]
+    assert [b.conv2.dilation[0] for b in net.layer3] == [2] * 6
+    assert [b.conv2.dilation[0] for b in net.layer4] == [4, 4, 4]
+    assert [b.conv2.padding[0] for b in net.layer4] == [4, 4, 4]
     assert all(b.conv2.stride[0] == 1 for b in net.layer4)
+    tv = common.ResNet(50, 8, dilation_style="torchvision")
+    assert [b.conv2.dilation[0] for b in tv.layer3] == [1] + [2] * 5
+    assert [b.conv2.dilation[0] for b in tv.layer4] == [2, 4, 4]
+    os16 = common.ResNet(18, 16)
+    assert [b.conv2.dilation[0] for b in os16.layer4] == [2, 2]
     grid = common.ResNet(50, 8, multi_grid=(1, 2, 4))
     assert [b.conv2.dilation[0] for b in grid.layer4] == [4, 8, 16]
+
+
+def test_both_dilation_styles_load_the_same_pretrained_file(tmp_path):
+    """Dilation changes no parameter: one torchvision-layout file loads into either style, and the
+    two trunks then differ only in their outputs (not in a single weight)."""
+    source = common.ResNet(18, 8)
+    path = tmp_path / "resnet18.pth"
+    torch.save({**source.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
+    styles = [common.ResNet(18, 8, dilation_style=s) for s in common.DILATION_STYLES]
+    for net in styles:
+        common.load_pretrained(net, str(path))
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
+    x = torch.randn(1, 3, 64, 64)
+    outs = [net.eval()(x)[3] for net in styles]
+    assert outs[0].shape == outs[1].shape and not torch.allclose(outs[0], outs[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import train  # noqa: E402
+from tools import boundary_f, predict, sampling  # noqa: E402
 
 H, W = 20, 24                                                           # every fake dataset image is 24 x 20
 TINY = ["--method", "fcn", "--dataset", "synthetic", "--backbone", "resnet18", "--head-channels", "32",
@@ -39,7 +40,7 @@ def write_label(path, raw, palette=False):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image = Image.fromarray(np.asarray(raw, np.uint8))
     if palette:
-        image.putpalette([c for rgb in common.MAPILLARY_V12_PALETTE for c in rgb])
+        image.putpalette([c for rgb in predict.MAPILLARY_V12_PALETTE for c in rgb])
         assert image.mode == "P"
     image.save(path)
 
@@ -124,6 +125,10 @@ LAYOUTS = {
                    missing=lambda r: os.path.join(r, "valannot")),
     "mapillary": dict(files=mapillary_files, mapping={0: 0, 13: 13, 64: 64, 65: 255}, bad=66, classes=65,
                       missing=lambda r: os.path.join(r, "validation", "v1.2", "labels")),
+    # Road, Lane Marking - General, Sidewalk, Curb, Bicyclist, On Rails, Bird, Unlabeled
+    "mapillary_cityscapes19": dict(files=mapillary_files, mapping={13: 0, 24: 0, 15: 1, 2: 1, 20: 12, 58: 16,
+                                                                   0: 255, 65: 255}, bad=66, classes=19,
+                                   missing=lambda r: os.path.join(r, "validation", "v1.2", "labels")),
 }
 
 
@@ -136,7 +141,7 @@ def make_tree(name, root, counts=(("train", 3), ("val", 2))):
             image, label = spec["files"](root, split, i)
             raw = stripes(list(spec["mapping"]), shift=i + 3 * s)
             write_image(image, seed=10 * s + i)
-            write_label(label, raw, palette=name == "mapillary")
+            write_label(label, raw, palette=name.startswith("mapillary"))
             written[split].append((image, label, raw))
         if name.startswith("pascal_context"):                           # the split file lists the ids
             list_file = pascal_split_file(root, split)
@@ -160,7 +165,7 @@ def test_loader_finds_the_pairs_and_maps_raw_values_to_train_ids(name, tmp_path)
     written = make_tree(name, root)
     for split, items in written.items():
         ds = common.file_dataset(name, root, split)
-        assert ds.num_classes == spec["classes"] == len(ds.palette)
+        assert ds.num_classes == spec["classes"] == len(predict.PALETTES[name])
         assert sorted((os.path.normpath(i), os.path.normpath(l)) for i, l in ds.pairs) == \
             sorted((os.path.normpath(i), os.path.normpath(l)) for i, l, _ in items), f"{name} {split}: wrong pairs"
         raw_of = {os.path.normpath(label): raw for _, label, raw in items}
@@ -178,7 +183,7 @@ def test_an_unknown_raw_value_is_an_input_error_naming_the_file(name, tmp_path):
     (image, label, raw), = make_tree(name, root, (("train", 1),))["train"]
     raw = raw.copy()
     raw[5, 7] = spec["bad"]
-    write_label(label, raw, palette=name == "mapillary")
+    write_label(label, raw, palette=name.startswith("mapillary"))
     ds = common.file_dataset(name, root, "train")
     for read in (ds.load, ds.load_label):
         with pytest.raises(common.InputError, match=f"outside the {spec['classes']} classes") as e:
@@ -284,16 +289,16 @@ def test_class_centroids_match_a_hand_computation_with_and_without_tiling(tmp_pa
     camvid_rare_class_tree(str(tmp_path), 5)
     ds = common.file_dataset("camvid", str(tmp_path), "train")
     for tile in (16, 1024):
-        assert common.class_centroids(ds, tile=tile, progress=False) == expected_centroids(5, tile), f"tile {tile}"
+        assert sampling.class_centroids(ds, tile=tile, progress=False) == expected_centroids(5, tile), f"tile {tile}"
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_class_index_merges_to_the_single_process_index(tmp_path, world):
     camvid_rare_class_tree(str(tmp_path), 5)
     ds = common.file_dataset("camvid", str(tmp_path), "train")
-    shards = [common.class_centroids(ds, tile=16, progress=False, images=range(r, 5, world)) for r in range(world)]
+    shards = [sampling.class_centroids(ds, tile=16, progress=False, images=range(r, 5, world)) for r in range(world)]
     assert {c[0] for centroids in shards[1] for c in centroids} == set(range(1, 5, world))   # its images only
-    assert common.merge_centroids(shards) == expected_centroids(5, 16)   # two Sky tiles per image: order kept
+    assert sampling.merge_centroids(shards) == expected_centroids(5, 16)   # two Sky tiles per image: order kept
 
 
 def test_class_uniform_crops_contain_their_class(tmp_path):
@@ -301,9 +306,9 @@ def test_class_uniform_crops_contain_their_class(tmp_path):
     camvid_rare_class_tree(str(tmp_path), n)
     transform = common.TrainTransform(8, scale_range=(0.5, 2.0), jitter=0.0)   # crops far smaller than images
     ds = common.file_dataset("camvid", str(tmp_path), "train", transform)
-    index = common.class_centroids(ds, tile=16, progress=False)
+    index = sampling.class_centroids(ds, tile=16, progress=False)
     class_of = {tuple(c[1:]) + (c[0],): k for k, centroids in enumerate(index) for c in centroids}
-    sampler = common.TrainSampler(n, 4, 0, 1, seed=3, class_index=index, class_uniform=P)
+    sampler = sampling.MixSampler(n, 4, 0, 1, seed=3, class_index=index, class_uniform=P)
     centred, uniform_with_pole = 0, []
     for index_, seed, center in itertools.islice(iter(sampler), 30 * n):   # 30 epochs, as the loader sees them
         x, y = ds[(index_, seed, center)]
@@ -322,7 +327,7 @@ def test_class_uniform_crops_contain_their_class(tmp_path):
 def test_class_uniform_share_per_epoch_is_int_n_p_over_k_per_present_class(P):
     n, K = 1000, 4
     index = [[[c, c, c]] * 3 for c in range(K - 1)] + [[]]               # class 3 never occurs
-    sampler = common.TrainSampler(n, 4, 0, 1, seed=1, class_index=index, class_uniform=P)
+    sampler = sampling.MixSampler(n, 4, 0, 1, seed=1, class_index=index, class_uniform=P)
     per_class = int(n * P / K)
     for epoch in range(2):
         items = sampler.epoch_items(epoch)
@@ -370,10 +375,10 @@ def test_class_uniform_cache_of_another_data_root_is_not_reused(tmp_path):
 def model_for(argv, checkpoint=None):
     """The model train.main builds for these flags (with the checkpoint's weights), in eval mode."""
     args = train.parse_args(argv)
-    args.num_classes = len(common.dataset_classes(args.dataset)[0])
+    args.num_classes = len(common.dataset_classes(args.dataset))
     model = train.METHODS[args.method][1](args)
     if checkpoint:
-        model.load_state_dict(train.model_weights(checkpoint))
+        common.load_weights(model, checkpoint)
     return model.eval()
 
 
@@ -397,12 +402,12 @@ def trained(tmp_path_factory):
     """A tiny FCN trained for one iteration, and images to label: a folder (with a sub-folder) and a file."""
     base = tmp_path_factory.mktemp("predict")
     train.main(TINY + ["--iters", "1", "--out", str(base / "run")])
-    images = [str(base / "images" / "a.png"), str(base / "images" / "sub" / "b.jpg"), str(base / "c.png")]
+    images = [str(base / "images" / "a.png"), str(base / "images" / "sub" / "b.jpg"), str(base / "c  d\tx.png")]
     for k, (path, size) in enumerate(zip(images, [(W, H), (30, 18), (20, 20)])):
         write_image(path, size, seed=k)
     return dict(base=base, checkpoint=str(base / "run" / "last.pt"), images=images,
                 predict=[str(base / "images"), images[2]],
-                names=["a.png", os.path.join("sub", "b.png"), "c.png"])    # a folder's sub-folders are kept
+                names=["a.png", os.path.join("sub", "b.png"), "c  d\tx.png"])  # sub-folders kept; spaces too
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +437,7 @@ def palette_image(label, palette):
 
 def test_predict_writes_raw_colour_and_overlay_pngs_with_the_threshold(trained, auto_labels):
     out, T = auto_labels["out"], auto_labels["T"]
-    palette = common.dataset_classes("synthetic")[1]
+    palette = predict.PALETTES["synthetic"]
     ignored = kept = 0
     for path, prob, name in zip(trained["images"], auto_labels["probs"], trained["names"]):
         image = common.read_image(path)
@@ -447,10 +452,11 @@ def test_predict_writes_raw_colour_and_overlay_pngs_with_the_threshold(trained, 
         np.testing.assert_array_equal(png(os.path.join(out, "overlay", name)), np.asarray(overlay))
         ignored, kept = ignored + (label == 255).sum(), kept + (label != 255).sum()
     assert ignored > 0 and kept > 0, "the threshold should leave pixels on both sides"
-    assert sorted(os.listdir(os.path.join(out, "labels"))) == ["a.png", "c.png", "sub"]
+    assert sorted(os.listdir(os.path.join(out, "labels"))) == ["a.png", "c  d\tx.png", "sub"]
     with open(os.path.join(out, "pairs.txt")) as f:
         lines = f.read().splitlines()
-    assert sorted(lines) == sorted(f"{os.path.abspath(p)} labels/{n}" for p, n in zip(trained["images"], trained["names"]))
+    assert sorted(json.loads(line) for line in lines) == \
+        sorted([os.path.abspath(p), f"labels/{n}"] for p, n in zip(trained["images"], trained["names"]))
 
 
 def test_predict_with_zero_confidence_keeps_every_argmax(trained, auto_labels):
@@ -506,8 +512,8 @@ def test_predict_label_ids_for_the_cityscapes_server(tmp_path):
 
 def test_extra_dataset_reads_the_pairs_that_predict_writes(trained, auto_labels, tmp_path):
     out = auto_labels["out"]
-    classes, palette = common.dataset_classes("synthetic")
-    ds = common.extra_dataset(out, classes, palette, None)
+    classes = common.dataset_classes("synthetic")
+    ds = sampling.extra_dataset(out, classes, None)
     assert sorted(ds.pairs) == sorted((os.path.abspath(p), os.path.join(out, "labels", n))
                                       for p, n in zip(trained["images"], trained["names"]))
     for k, (image_path, label_path) in enumerate(ds.pairs):
@@ -515,14 +521,23 @@ def test_extra_dataset_reads_the_pairs_that_predict_writes(trained, auto_labels,
         assert image.size == Image.open(image_path).size
         np.testing.assert_array_equal(label, png(label_path))
     with pytest.raises(common.InputError, match="pairs.txt"):
-        common.extra_dataset(str(tmp_path), classes, palette, None)
+        sampling.extra_dataset(str(tmp_path), classes, None)
+
+
+def test_extra_data_also_reads_a_hand_written_list_and_names_a_bad_line(tmp_path):
+    (tmp_path / "pairs.txt").write_text("img/a.png lab/a.png\n\n/abs/b.png lab/b.png extra words\n")
+    ds = sampling.extra_dataset(str(tmp_path), common.dataset_classes("synthetic"), None)
+    assert ds.pairs == [(str(tmp_path / "img/a.png"), str(tmp_path / "lab/a.png")), ("/abs/b.png", str(tmp_path / "lab/b.png"))]
+    (tmp_path / "pairs.txt").write_text("only-one-path.png\n")
+    with pytest.raises(common.InputError, match=r"pairs.txt line 1: expected an image and a label"):
+        sampling.extra_dataset(str(tmp_path), common.dataset_classes("synthetic"), None)
 
 
 @pytest.mark.parametrize("r", [0.1, 0.25, 0.5, 0.75, 0.9])
 def test_extra_ratio_holds_per_epoch(r):
     n, num_extra = 40, 7
     for class_uniform, index in ((0.0, None), (0.5, [[[0, 1, 1]], [[3, 2, 2]]])):
-        sampler = common.TrainSampler(n, 4, 0, 1, seed=2, class_index=index, class_uniform=class_uniform,
+        sampler = sampling.MixSampler(n, 4, 0, 1, seed=2, class_index=index, class_uniform=class_uniform,
                                       num_extra=num_extra, extra_ratio=r)
         for epoch in range(3):
             items = sampler.epoch_items(epoch)
@@ -533,7 +548,7 @@ def test_extra_ratio_holds_per_epoch(r):
 
 def test_extra_ratio_of_one_means_only_extra_data_or_a_clear_error():
     try:
-        items = common.TrainSampler(10, 2, 0, 1, seed=0, num_extra=3, extra_ratio=1.0).epoch_items(0)
+        items = sampling.MixSampler(10, 2, 0, 1, seed=0, num_extra=3, extra_ratio=1.0).epoch_items(0)
     except common.InputError:
         return
     except Exception as e:
@@ -553,7 +568,7 @@ class Recorder(torch.utils.data.Dataset):
 
 
 def test_mixed_dataset_routes_indices():
-    mixed = common.MixedDataset(Recorder("main", 5), Recorder("extra", 3))
+    mixed = sampling.MixedDataset(Recorder("main", 5), Recorder("extra", 3))
     assert len(mixed) == 8 and mixed.num_classes == 6
     assert mixed[(0, 11, None)] == ("main", (0, 11, None))
     assert mixed[(4, 12, (3, 4))] == ("main", (4, 12, (3, 4)))
@@ -586,7 +601,7 @@ def square(size, top, left, h, w, value=1):
 
 
 def test_boundary_pixels_of_a_square_by_hand():
-    edge = common.boundaries((square(6, 2, 2, 2, 2) == 1)[None])[0]
+    edge = boundary_f.boundaries((square(6, 2, 2, 2, 2) == 1)[None])[0]
     # pixels whose right, lower or lower-right neighbour differs (GSCNN seg2bmap): the corner above-left,
     # left of and above the square, and the square's own right/bottom rim
     assert {tuple(p) for p in edge.nonzero().tolist()} == {(1, 1), (2, 1), (3, 1), (1, 2), (1, 3), (2, 3),
@@ -596,7 +611,7 @@ def test_boundary_pixels_of_a_square_by_hand():
 def test_identical_masks_score_100_at_every_tolerance_and_absent_classes_are_none():
     label = torch.randint(0, 3, (12, 12), generator=torch.Generator().manual_seed(0))
     tolerances = (0, 1, 3, 5)
-    scores = common.boundary_f_scores(common.boundary_f_counts(label, label, 4, tolerances), tolerances)
+    scores = boundary_f.boundary_f_scores(boundary_f.boundary_f_counts(label, label, 4, tolerances), tolerances)
     for t in tolerances:
         assert scores[f"{t}px"]["mBF"] == 100.0
         assert scores[f"{t}px"]["per_class"] == {"0": 100.0, "1": 100.0, "2": 100.0, "3": None}
@@ -604,7 +619,7 @@ def test_identical_masks_score_100_at_every_tolerance_and_absent_classes_are_non
 
 def test_a_one_pixel_shift_passes_at_3px_and_fails_at_0():
     label, pred = square(10, 3, 3, 4, 4), square(10, 3, 4, 4, 4)
-    scores = common.boundary_f_scores(common.boundary_f_counts(pred, label, 2, (0, 3)), (0, 3))
+    scores = boundary_f.boundary_f_scores(boundary_f.boundary_f_counts(pred, label, 2, (0, 3)), (0, 3))
     assert scores["3px"]["mBF"] == 100.0 and scores["3px"]["per_class"] == {"0": 100.0, "1": 100.0}
     assert scores["0px"]["mBF"] < 100.0 and all(v < 100.0 for v in scores["0px"]["per_class"].values())
 
@@ -614,15 +629,15 @@ def test_boundary_counts_of_small_cases_by_hand():
     # shifted right by one: predicted edges (1,2),(2,2),(3,2),(1,3),(1,4),(2,4),(3,4),(3,3); 4 coincide at
     # 0 px ((1,2),(3,2),(1,3),(3,3)), all 8 are within 1 px; the same for both classes (the background's
     # edges are the square's)
-    counts = common.boundary_f_counts(square(6, 2, 3, 2, 2), label, 2, (0, 1))
+    counts = boundary_f.boundary_f_counts(square(6, 2, 3, 2, 2), label, 2, (0, 1))
     assert counts.tolist() == [[[8, 4, 8, 4]] * 2, [[8, 8, 8, 8]] * 2]
-    scores = common.boundary_f_scores(counts, (0, 1))
+    scores = boundary_f.boundary_f_scores(counts, (0, 1))
     assert scores["0px"]["per_class"] == {"0": 50.0, "1": 50.0} and scores["1px"]["mBF"] == 100.0
     # one column too wide (2x3): predicted edges (1,1),(1,2),(1,3),(1,4),(2,1),(2,4),(3,1),(3,2),(3,3),(3,4);
     # 7 are true edges, 7 of the 8 true edges are predicted ((2,3) is not): F = 2*7 / (10+8) = 77.78%
-    counts = common.boundary_f_counts(square(6, 2, 2, 2, 3), label, 3, (0, 1))
+    counts = boundary_f.boundary_f_counts(square(6, 2, 2, 2, 3), label, 3, (0, 1))
     assert counts.tolist() == [[[10, 7, 8, 7]] * 2 + [[0, 0, 0, 0]], [[10, 10, 8, 8]] * 2 + [[0, 0, 0, 0]]]
-    scores = common.boundary_f_scores(counts, (0, 1))
+    scores = boundary_f.boundary_f_scores(counts, (0, 1))
     assert scores["0px"]["per_class"] == {"0": 77.78, "1": 77.78, "2": None} and scores["0px"]["mBF"] == 77.78
 
 
@@ -632,7 +647,7 @@ def test_a_prediction_right_on_every_valid_pixel_scores_100():
     pred = torch.zeros(6, 6, dtype=torch.long)
     pred[:, 4:] = 1                                                      # anything under the ignored half
     assert torch.equal(pred[label != 255], label[label != 255])
-    scores = common.boundary_f_scores(common.boundary_f_counts(pred, label, 2, (0, 3)), (0, 3))
+    scores = boundary_f.boundary_f_scores(boundary_f.boundary_f_counts(pred, label, 2, (0, 3)), (0, 3))
     assert scores["3px"]["mBF"] == 100.0, (
         f"boundary F {scores} for a prediction equal to the label on every valid pixel: the label's "
         f"class/ignore border counts as a true boundary but the prediction's edge there is dropped "
@@ -653,8 +668,8 @@ def test_boundary_f_in_evaluation_goes_to_summary_json(trained, tmp_path):
     for k in range(len(val)):
         image, label = val[k]
         pred = common.infer(model, image[None], label.shape).argmax(1)[0]
-        counts = counts + common.boundary_f_counts(pred, label, 6)
-    assert summary["boundary_f"] == json.loads(json.dumps(common.boundary_f_scores(
+        counts = counts + boundary_f.boundary_f_counts(pred, label, 6)
+    assert summary["boundary_f"] == json.loads(json.dumps(boundary_f.boundary_f_scores(
         counts, class_names=list(common.SYNTHETIC_CLASSES))))
 
 
@@ -669,7 +684,7 @@ def test_save_maps_writes_predictions_of_the_first_n_images(trained, tmp_path):
     model = model_for(TINY, trained["checkpoint"])
     image, label = common.build_datasets(train.parse_args(TINY))[1][1]
     pred = common.infer(model, image[None], label.shape).argmax(1)[0]
-    expected = palette_image(pred.numpy(), common.SYNTHETIC_PALETTE)
+    expected = palette_image(pred.numpy(), predict.SYNTHETIC_PALETTE)
     np.testing.assert_array_equal(png(os.path.join(out, "maps", "0001_pred.png")), expected)
 
 
@@ -682,12 +697,12 @@ def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
     image, _ = common.build_datasets(train.parse_args(argv))[1][0]
     with torch.no_grad():
         ld_mask = model.eval()(image[None])["maps"]["ld_mask"]           # (1, 1, 5, 5)
-    expected = common.heatmap(common.resize(ld_mask, (40, 40))[0, 0].clamp(0, 1).numpy())
+    expected = predict.heatmap(common.resize(ld_mask, (40, 40))[0, 0].clamp(0, 1).numpy())
     np.testing.assert_array_equal(png(os.path.join(out, "maps", "0000_ld_mask_0.png")), np.asarray(expected))
 
 
 def test_heatmap_is_the_jet_colour_map_clipped_to_0_1():
-    colours = np.asarray(common.heatmap(np.array([[0.0, 0.25, 0.5, 0.75, 1.0, -1.0, 2.0]])))[0]
+    colours = np.asarray(predict.heatmap(np.array([[0.0, 0.25, 0.5, 0.75, 1.0, -1.0, 2.0]])))[0]
     # jet by hand (r, g, b = 1.5 - |4v - 3|, |4v - 2|, |4v - 1|, clipped to [0, 1]): dark blue (0, 0, 0.5),
     # (0, 0.5, 1), (0.5, 1, 0.5), (1, 0.5, 0), dark red (0.5, 0, 0); 0.5 -> 128
     assert colours[:5].tolist() == [[0, 0, 128], [0, 128, 255], [128, 255, 128], [255, 128, 0], [128, 0, 0]]
@@ -696,5 +711,5 @@ def test_heatmap_is_the_jet_colour_map_clipped_to_0_1():
 
 def test_colorize_maps_each_class_to_its_palette_colour_and_ignore_to_black():
     palette = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
-    colours = np.asarray(common.colorize(np.array([[2, 0], [255, 1]], np.uint8), palette))
+    colours = np.asarray(predict.colorize(np.array([[2, 0], [255, 1]], np.uint8), palette))
     assert colours.tolist() == [[[70, 80, 90], [10, 20, 30]], [[0, 0, 0], [40, 50, 60]]]
