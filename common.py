@@ -288,7 +288,8 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                     # truncated, random bytes, a pickle of code
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]   # its first sentence
+        reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise InputError(f"{path} is not a {what} file torch.load(weights_only=True) can read ({reason})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path} is not a {what} file: it holds a {type(state).__name__}, not a dict of weights")
