@@ -265,3 +265,34 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --data-root") and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_carries_its_model_for_eval_only(tmp_path, capsys):
+    """Train with non-default model flags, then --eval-only --checkpoint with none of them: the same
+    mIoU, written beside the checkpoint; the training run's summary.json is untouched; a model flag
+    that disagrees with the checkpoint is refused, naming it and both values."""
+    out = tmp_path / "run"
+    argv = TINY[:]
+    argv[argv.index("fcn")] = "galdv1"
+    del argv[argv.index("--head-channels"):argv.index("--head-channels") + 2]
+    _, trained = train.main(argv + ["--iters", "2", "--ga", "psp", "--output-stride", "16", "--out", str(out)])
+    summary = (out / "summary.json").read_bytes()
+    bare = ["--eval-only", "--checkpoint", str(out / "best.pt"), "--synthetic-size", "40",
+            "--synthetic-val-length", "4", "--workers", "0", "--device", "cpu"]
+    model, metrics = train.main(bare)
+    assert metrics["mIoU"] == trained["mIoU"] and any(type(m).__name__ == "PSP" for m in model.modules())
+    assert model.backbone(torch.zeros(1, 3, 64, 64))[3].shape[-1] == 64 // 16              # output stride 16
+    assert (out / "summary.json").read_bytes() == summary
+    assert json.load(open(tmp_path / "run" / "eval-val" / "summary.json"))["mIoU"] == trained["mIoU"]
+    assert train.cli(bare + ["--output-stride", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-stride 8 differs from" in err and "16" in err
+    assert train.cli(bare + ["--output-stride", "16", "--eval-scales", "0.5", "1.0"]) == 0   # agrees; eval flags free
+
+
+def test_best_pt_holds_the_weights_and_flags_only(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--iters", "1", "--out", str(out)])
+    best, last = (torch.load(out / f, weights_only=True) for f in ("best.pt", "last.pt"))
+    assert set(best) == {"model", "iteration", "best_miou", "args"}
+    assert {"optimizer", "scaler", "rng_cpu"} <= set(last)
