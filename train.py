@@ -650,6 +650,23 @@ def benchmark(args):
     return model, costs.benchmark(model, args, device, say=print if rank == 0 else lambda line: None)
 
 
+def against_paper(args, argv):
+    """--benchmark --against-paper: every row of the method's PAPER_COSTS (a method file's table of
+    its paper's costs) benchmarked with the row's flags after the command line's; one table."""
+    module = sys.modules[METHODS[args.method][1].__module__]
+    paper = getattr(module, "PAPER_COSTS", None)
+    if paper is None:
+        raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper (PAPER_COSTS)")
+    results = []
+    for label, flags, _ in paper["rows"]:
+        row_args = parse_args([a for a in argv if a != "--against-paper"] + paper["flags"] + flags)
+        print(f"== {label}: {' '.join(paper['flags'] + flags)}", flush=True)
+        results.append(benchmark(row_args)[1])
+    table = costs.against_paper_table(paper, results)
+    print(table)
+    return None, {"table": table, "rows": results}
+
+
 def method_args(args, method):
     """One --compare-methods run: the common flags as given, the method's own at their defaults,
     the boundary F-score on, OUT/METHOD as its run folder."""
@@ -680,10 +697,14 @@ def compare_methods(args):
 
 def main(argv=None):
     """Run as the flags say. Training or evaluation returns (model, last metrics); --predict returns
-    (model, images labelled); --benchmark (model, its figures); --compare-methods (None, its rows)."""
+    (model, images labelled); --benchmark (model, its figures), with --against-paper (None, the table
+    and each row's figures); --compare-methods (None, its rows)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.compare_methods:
         return None, compare_methods(args)
+    if args.benchmark and args.against_paper:
+        return against_paper(args, argv)
     if args.benchmark:
         return benchmark(args)
     return run(args)

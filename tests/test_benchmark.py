@@ -1,4 +1,4 @@
-"""Costs and comparison: --benchmark's figures, the CPU memory peak, --compile's fallback, and
+"""Costs and comparison (tools/costs.py): --benchmark's figures, the CPU memory peak, --compile's fallback, and
 --compare-methods' table (tiny CPU runs; speed itself is never asserted, only that it was taken)."""
 import json
 import math
@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import common
 import train
+from tools import costs
 
 BENCH = ["--benchmark", "--method", "fcn", "--backbone", "resnet18", "--head-channels", "16", "--batch-size", "1",
          "--benchmark-iters", "1", "--benchmark-warmup", "1", "--device", "cpu"]
@@ -66,11 +67,26 @@ def test_benchmark_flops_grow_with_the_input_and_follow_the_eval_flags():
     assert flip["gflops_train_step"] == pytest.approx(small["gflops_train_step"])          # training has no flip
 
 
+class PooledBatchNorm(common.SegModel):
+    """A model whose training step cannot run at batch 1: BatchNorm after a global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, image):
+        x = self.backbone(image)
+        return {"out": x + self.norm(x.mean((2, 3), keepdim=True))}
+
+    def loss(self, outputs, target):
+        total = nn.functional.cross_entropy(outputs["out"], target)
+        return {"total": total}
+
+
 def test_benchmark_at_batch_one_keeps_the_forward_when_training_cannot_run(capsys):
-    # ASPP's image-pooling branch has BatchNorm on a 1x1 map: no training step at batch 1
-    _, r = train.main(["--benchmark", "--method", "galdv1", "--ga", "aspp", "--no-ld", "--backbone", "resnet18",
-                       "--crop-size", "32", "--batch-size", "1", "--benchmark-iters", "1", "--benchmark-warmup", "1",
-                       "--device", "cpu"])
+    args = train.parse_args(BENCH + ["--crop-size", "16", "--num-classes", "4"])
+    r = costs.benchmark(PooledBatchNorm(), args, torch.device("cpu"))
     assert "train step fails at --batch-size 1" in capsys.readouterr().out
     assert r["gflops_forward"] > 0 and r["forward_ms"] > 0 and r["forward_peak_mib"] > 0
     assert r["gflops_train_step"] is None and r["train_step_ms"] is None and r["train_step_peak_mib"] is None
@@ -88,10 +104,10 @@ def test_live_tensor_bytes_counts_new_storages_until_freed():
         d = c.t() * 2                                         # a view, then 2 MB
         return d.sum()
 
-    with common.LiveTensorBytes() as live:
+    with costs.LiveTensorBytes() as live:
         fn()
     assert live.peak == 3 * 500 * 500 * 4 and live.current == 0
-    assert common.peak_memory(fn, torch.device("cpu"), held=[held, held[0]]) == 400 + 3 * 500 * 500 * 4
+    assert costs.peak_memory(fn, torch.device("cpu"), held=[held, held[0]]) == 400 + 3 * 500 * 500 * 4
 
 
 def tiny_fcn():
@@ -110,18 +126,18 @@ def test_compile_falls_back_to_eager_with_a_message(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     lines = []
-    common.compile_forward(model, log=lines.append)
-    assert common.is_compiled(model)
+    costs.compile_forward(model, log=lines.append)
+    assert costs.is_compiled(model)
     assert torch.equal(model(x)["out"], expected) and torch.equal(model(x)["out"], expected)
     assert len(lines) == 1 and "torch.compile failed" in lines[0] and "no working C++ compiler" in lines[0]
-    assert not common.is_compiled(model)
+    assert not costs.is_compiled(model)
 
     def unsupported(fn):                                      # torch.compile itself refuses (old torch, new Python)
         raise RuntimeError("Dynamo is not supported on this Python")
 
     monkeypatch.setattr(torch, "compile", unsupported)
-    common.compile_forward(model, log=lines.append)
-    assert len(lines) == 2 and "not supported" in lines[1] and not common.is_compiled(model)
+    costs.compile_forward(model, log=lines.append)
+    assert len(lines) == 2 and "not supported" in lines[1] and not costs.is_compiled(model)
     assert torch.equal(model(x)["out"], expected)
 
 
@@ -138,12 +154,12 @@ def test_compiled_forward_serves_predict_and_lets_input_errors_through(monkeypat
         return call
 
     monkeypatch.setattr(torch, "compile", counting)
-    common.compile_forward(model, log=pytest.fail)
+    costs.compile_forward(model, log=pytest.fail)
     model.predict(x, scales=(1.0,), flip=True)                # two views through the compiled forward
     assert len(calls) == 2 and list(model.state_dict()) == keys
     with pytest.raises(common.InputError):
         model(torch.randn(1, 3, 32, 17))
-    assert common.is_compiled(model)
+    assert costs.is_compiled(model)
 
 
 COMPARE = ["--dataset", "synthetic", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
@@ -179,3 +195,33 @@ def test_compare_methods_rejects_method_flags_and_unknown_methods(tmp_path):
         train.main(["--compare-methods", "fcn", "--head-channels", "8"] + COMPARE)
     with pytest.raises(common.InputError, match="nope"):
         train.main(["--compare-methods", "fcn,nope"] + COMPARE + ["--out", str(tmp_path)])
+
+
+def test_against_paper_puts_each_row_beside_the_paper_with_the_right_ratios(monkeypatch, capsys):
+    """A cost table of three FCN rows (head widths 8, 16, 32): parameters read as absolute, GFLOPs
+    relative to the first row, peak memory added over it; each cell against the rows' own figures."""
+    paper = dict(title="Table X", flags=["--crop-size", "32"],
+                 quantities={"params (M)": ("params_total", "absolute"), "GFLOPs": ("gflops_forward", "relative"),
+                             "memory (MiB)": ("forward_peak_mib", "added")},
+                 rows=[("narrow", ["--head-channels", "8"], {"params (M)": 10.0, "GFLOPs": 2.0, "memory (MiB)": 100}),
+                       ("mid", ["--head-channels", "16"], {"params (M)": 12.0, "GFLOPs": 3.0}),
+                       ("wide", ["--head-channels", "32"], {"params (M)": 20.0, "GFLOPs": 4.0, "memory (MiB)": 150})])
+    monkeypatch.setattr(common, "PAPER_COSTS", paper, raising=False)
+    _, report = train.main(BENCH + ["--against-paper"])
+    rows = report["rows"]
+    assert [r["params_head"] > 0 for r in rows] == [True] * 3 and rows[0]["params_total"] < rows[2]["params_total"]
+    cells = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in report["table"].splitlines()[4:]}
+    fmt = lambda v: f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    ours = rows[2]["params_total"] / 1e6
+    assert cells[("| wide", "params (M)")] == [fmt(20.0), fmt(ours), fmt(ours / 20.0) + " |"]
+    relative = rows[1]["gflops_forward"] / rows[0]["gflops_forward"]
+    assert cells[("| mid", "GFLOPs, relative to narrow")] == [fmt(1.5), fmt(relative), fmt(relative / 1.5) + " |"]
+    added = rows[2]["forward_peak_mib"] - rows[0]["forward_peak_mib"]
+    assert cells[("| wide", "memory (MiB), added over narrow")] == [fmt(50), fmt(added), fmt(added / 50) + " |"]
+    assert cells[("| mid", "memory (MiB), added over narrow")][0] == "-"             # the paper gives none
+    assert report["table"] in capsys.readouterr().out
+
+
+def test_against_paper_without_a_table_says_so():
+    with pytest.raises(common.InputError, match="fcn has no cost table of its paper"):
+        train.main(BENCH + ["--against-paper"])

@@ -28,6 +28,9 @@ def add_args(parser):
                            "--batch-size x --crop-size input, then stop (no dataset needed)")
     mode.add_argument("--compare-methods", metavar="M1,M2,...",
                       help="train and evaluate each method with the same flags; write OUT/comparison.md")
+    g.add_argument("--against-paper", action="store_true",
+                   help="with --benchmark: measure every row of the method's cost table in its paper "
+                        "(its PAPER_COSTS) and print ours beside the paper's, with the ratio")
     g.add_argument("--benchmark-iters", type=common.ranged(int, 1), default=5, help="timed calls (the median is reported)")
     g.add_argument("--benchmark-warmup", type=common.ranged(int, 0), default=2, help="untimed calls before them")
     g.add_argument("--num-classes", type=common.ranged(int, 1), default=19,
@@ -248,6 +251,44 @@ def benchmark_table(r):
             (f"peak memory: forward / training step ({r['memory']})",
              f"{f(r['forward_peak_mib'], '{:.0f}')} / {f(r['train_step_peak_mib'], '{:.0f}')} MiB")]
     return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# --against-paper: a method's PAPER_COSTS, e.g.
+#     PAPER_COSTS = dict(title="Table IV ...", flags=[...],             # flags of every row
+#                        quantities={"params (M)": ("params_total", "absolute"), ...},
+#                        rows=[("FCN", [...flags of the row...], {"params (M)": 47.5, ...}), ...])
+# A quantity is one of benchmark()'s figures, read as "absolute" (ours / paper), "relative" (each
+# row divided by the first row, ours and the paper's: times on other hardware) or "added" (each
+# row minus the first row: the cost a module adds).
+
+
+def figure(r, key):
+    """One benchmark figure; parameters in millions."""
+    value = r.get(key)
+    return None if value is None else value / 1e6 if key.startswith("params") else value
+
+
+def against_paper_table(costs, results):
+    """The paper's cost table with ours beside it: one Markdown row per (row, quantity)."""
+    fmt = lambda v: "-" if v is None else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    first_label, _, first_paper = costs["rows"][0]
+    lines = [f"{costs['title']}", "", "| row | quantity | paper | ours | ours / paper |", "|---|---|---|---|---|"]
+    for (label, _, paper), r in zip(costs["rows"], results):
+        for name, (key, mode) in costs["quantities"].items():
+            ours, theirs = figure(r, key), paper.get(name)
+            if mode != "absolute":
+                ours_ref, theirs_ref = figure(results[0], key), first_paper.get(name)
+                if mode == "relative":
+                    ours = None if ours is None or not ours_ref else ours / ours_ref
+                    theirs = None if theirs is None or not theirs_ref else theirs / theirs_ref
+                else:
+                    ours = None if ours is None or ours_ref is None else ours - ours_ref
+                    theirs = None if theirs is None or theirs_ref is None else theirs - theirs_ref
+                name = f"{name}, {'relative to' if mode == 'relative' else 'added over'} {first_label}"
+            ratio = None if ours is None or not theirs else ours / theirs
+            lines.append(f"| {label} | {name} | {fmt(theirs)} | {fmt(ours)} | {fmt(ratio)} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
