@@ -698,7 +698,10 @@ def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
     with torch.no_grad():
         ld_mask = model.eval()(image[None])["maps"]["ld_mask"]           # (1, 1, 5, 5)
     expected = predict.heatmap(common.resize(ld_mask, (40, 40))[0, 0].clamp(0, 1).numpy())
-    np.testing.assert_array_equal(png(os.path.join(out, "maps", "0000_ld_mask_0.png")), np.asarray(expected))
+    saved = png(os.path.join(out, "maps", "0000_ld_mask_0.png"))
+    np.testing.assert_array_equal(saved[:, :40], np.asarray(expected))             # the map, then its colour bar
+    bar = saved[:, 42:42 + predict.COLOUR_BAR]
+    assert bar[0].tolist() == [[128, 0, 0]] * predict.COLOUR_BAR and bar[-1].tolist() == [[0, 0, 128]] * predict.COLOUR_BAR
 
 
 def test_heatmap_is_the_jet_colour_map_clipped_to_0_1():

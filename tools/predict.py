@@ -6,14 +6,15 @@
 --predict writes OUT/labels (train ids; 255 where the max probability < --min-confidence), OUT/color,
 OUT/overlay, OUT/labelIds with --label-ids, and OUT/pairs.txt, which --extra-data reads back.
 --save-maps N writes, for the first N evaluated images, OUT/maps/NNNN_pred.png and one heat map per
-channel of each entry of the model's `maps` (LD masks, attention rows, scale attention, unity maps).
+channel of each entry of the model's `maps` (LD masks, attention rows, scale attention, unity maps),
+each with a colour bar from 0 (bottom) to 1 (top) on its right.
 """
 import json
 import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import common
 
@@ -118,6 +119,23 @@ def heatmap(values):
     return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
 
 
+COLOUR_BAR = 12                                                # pixels wide, plus a 2-pixel gap
+
+
+def with_colour_bar(values):
+    """heatmap(values) with a colour bar on its right: 1 at the top, 0 at the bottom, labelled."""
+    image = heatmap(values)
+    W, H = image.size
+    ramp = np.repeat(np.linspace(1, 0, H, dtype=np.float32)[:, None], COLOUR_BAR, 1)     # (H, bar)
+    out = Image.new("RGB", (W + 2 + COLOUR_BAR + 12, H), "white")
+    out.paste(image, (0, 0))
+    out.paste(heatmap(ramp), (W + 2, 0))
+    draw = ImageDraw.Draw(out)
+    draw.text((W + 3 + COLOUR_BAR, 0), "1", fill="black")
+    draw.text((W + 3 + COLOUR_BAR, max(H - 11, 0)), "0", fill="black")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # --predict
 
@@ -214,7 +232,7 @@ class MapSaver:
         for name, value in maps.items():
             value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
             for m, channel in enumerate(value.clamp(0, 1).cpu()):
-                heatmap(channel.numpy()).save(os.path.join(self.folder, f"{index:04d}_{name}_{m}.png"))
+                with_colour_bar(channel.numpy()).save(os.path.join(self.folder, f"{index:04d}_{name}_{m}.png"))
 
     def result(self, world):
         return {}
