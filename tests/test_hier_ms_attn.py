@@ -1,4 +1,5 @@
-"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, RMI."""
+"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, RMI, the
+per-scale loss and what evaluation builds."""
 import argparse
 import math
 import os
@@ -7,6 +8,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -74,6 +77,21 @@ def test_two_scale_training_output_is_eq1_by_hand_values_and_gradients():
     assert torch.allclose(g_model, g_hand, atol=1e-5, rtol=1e-4)
 
 
+def nested_chain(L, x, order):
+    """Eq. (1) chained by hand in the order of NVIDIA's nscale_forward: from the largest scale down,
+    a scale >= 1.0 fused at its own input size (the running result resized to it first), a scale
+    < 1.0 at the image's size; the result at the image's size."""
+    P = L[order[0]][0]                                                  # top scale, its own size
+    for s in order[1:]:
+        p, a = L[s]
+        if s >= 1.0:
+            P = a * p + (1 - a) * resize(P, p.shape[-2:])
+        else:
+            U = lambda t: resize(t, x.shape[-2:])
+            P = U(a * p) + (1 - U(a)) * resize(P, x.shape[-2:])
+    return resize(P, x.shape[-2:])
+
+
 @pytest.mark.parametrize("scales", [(0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0)])
 def test_n_scale_chain_equals_nested_formula(scales):
     model = make_model().eval()
@@ -89,6 +107,39 @@ def test_n_scale_chain_equals_nested_formula(scales):
         got = model.predict(x, scales=tuple(reversed(scales)))          # order of the list is irrelevant
     assert got.shape == (2, K, 33, 47)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scales", [(0.5, 1.0, 1.5, 2.0), (1.0, 1.5, 2.0), (1.5, 2.0)])
+def test_scales_above_one_are_fused_at_their_own_size(scales):
+    """Written out for (0.5, 1.0, 1.5, 2.0):
+    P = L_2.0;  P = a_1.5 L_1.5 + (1 - a_1.5) D(P)   at 1.5x;  P = a_1 L_1 + (1 - a_1) D(P)   at 1.0x;
+    P = U(a_0.5 L_0.5) + (1 - U(a_0.5)) P   at 1.0x (D, U: bilinear down / up)."""
+    model = make_model().eval()
+    with torch.no_grad():                                              # logits ~10, attention 0.1..0.95
+        model.seg_head[-1].weight.mul_(100)
+        model.attn_head[-1].weight.mul_(30)
+    x = image()
+    with torch.no_grad():
+        L = {s: scale_outputs(model, x, s) for s in scales}
+        if scales == (0.5, 1.0, 1.5, 2.0):                              # the issue's case, spelt out
+            D = lambda t, s: resize(t, L[s][0].shape[-2:])
+            U = lambda t: resize(t, x.shape[-2:])
+            P = L[2.0][0]
+            P = L[1.5][1] * L[1.5][0] + (1 - L[1.5][1]) * D(P, 1.5)
+            P = L[1.0][1] * L[1.0][0] + (1 - L[1.0][1]) * D(P, 1.0)
+            expected = U(L[0.5][1] * L[0.5][0]) + (1 - U(L[0.5][1])) * P
+            assert torch.allclose(expected, nested_chain(L, x, scales[::-1]), atol=1e-6)
+        else:
+            expected = nested_chain(L, x, scales[::-1])
+        got = model.predict(x, scales=scales)
+        # fusing everything at the image's size instead (the order before) gives another result
+        at_image = resize(L[2.0][0], x.shape[-2:])
+        for s in scales[-2::-1]:
+            U = lambda t: resize(t, x.shape[-2:])
+            at_image = U(L[s][0] * L[s][1]) + (1 - U(L[s][1])) * at_image
+    assert got.shape == (2, K, 33, 47)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert (got - at_image).abs().max() > 1e-2                          # 0.04 .. 0.12 here
 
 
 @pytest.mark.parametrize("value, picked", [(1e4, 0.25), (-1e4, 2.0)])
@@ -207,19 +258,125 @@ def test_bad_scale_configurations_are_refused():
         make_model("average", train_scales=(0.5, 1.0))
 
 
-def test_add_args_defaults_build_the_paper_model():
+def cli_model(*flags):
     parser = argparse.ArgumentParser()
     hma.add_args(parser)
-    args = parser.parse_args([])
-    args.num_classes, args.backbone, args.stem = K, "resnet18", "tv"
+    args = parser.parse_args(list(flags))
+    args.num_classes, args.backbone, args.stem, args.dilation_style = K, "resnet18", "tv", "pspnet"
     args.output_stride, args.multi_grid, args.pretrained = 8, None, None
-    model = hma.build_model(args)
+    return hma.build_model(args)
+
+
+def test_add_args_defaults_build_the_paper_model():
+    model = cli_model()
     assert (model.ms_mode, model.train_scales, model.loss_type, model.scale_loss_weight) == \
-        ("hierarchical", (0.5, 1.0), "rmi", 0.05)
-    args = parser.parse_args(["--ms-mode", "explicit"])
-    args.num_classes, args.backbone, args.stem = K, "resnet18", "tv"
-    args.output_stride, args.multi_grid, args.pretrained = 8, None, None
-    assert hma.build_model(args).train_scales == (0.5, 1.0, 2.0)
+        ("hierarchical", (0.5, 1.0), "rmi", 0.05)                      # Cityscapes recipe weight
+    assert cli_model("--ms-mode", "explicit").train_scales == (0.5, 1.0, 2.0)
+    assert cli_model("--scale-loss-weight", "0").scale_loss_weight == 0      # Mapillary recipe
+    assert cli_model("--ms-mode", "average").train_scales == (1.0,)
+
+
+@pytest.mark.parametrize("flags", [["--scale-loss-weight", "0.05"], ["--scale-loss-weight", "0"],
+                                   ["--train-scales", "1.0"]])
+def test_flags_that_change_nothing_in_average_mode_are_refused(flags):
+    with pytest.raises(InputError, match="would change nothing"):
+        cli_model("--ms-mode", "average", *flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-scale supervision, attention-head statistics, what evaluation builds
+
+
+def bce_by_hand(logits, target):
+    """-(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), summed over classes and valid pixels,
+    / (#valid + 1), in float64."""
+    valid = (target != 255).double()[:, None]                           # (B, 1, H, W)
+    y = torch.stack([(target == k).double() for k in range(logits.shape[1])], 1)
+    sig = logits.double().sigmoid()
+    return (-(y * sig.log() + (1 - y) * (1 - sig).log()) * valid).sum() / (valid.sum() + 1)
+
+
+@pytest.mark.parametrize("loss", ["rmi", "ce"])
+def test_each_scale_is_supervised_with_the_criterion_without_rmi(loss):
+    model = make_model(loss=loss).train()
+    x, target = image(), labels()
+    outputs = model(x)
+    assert sorted(outputs["scale_logits"]) == ["0.5", "1.0"]
+    L05, _ = scale_outputs(model, x, 0.5)
+    L1, _ = scale_outputs(model, x, 1.0)
+    own = {"0.5": resize(L05, x.shape[-2:]), "1.0": L1}                 # each at the image's size
+    terms = model.loss(outputs, target)
+    main = 0.5 * terms["bce"] + 0.5 * terms["rmi"] if loss == "rmi" else terms["ce"]
+    for s, logits in own.items():
+        assert torch.allclose(outputs["scale_logits"][s], logits, atol=1e-5)
+        if loss == "rmi":                                               # sigmoid BCE, as do_rmi=False
+            expected = bce_by_hand(logits, target)
+        else:                                                           # plain CE with --loss ce
+            expected = nn.functional.cross_entropy(logits.double(), target, ignore_index=255)
+        assert torch.allclose(terms[f"scale_{s}"].double(), expected, rtol=1e-5)
+    expected_total = main + 0.05 * (terms["scale_0.5"] + terms["scale_1.0"])
+    assert torch.allclose(terms["total"], expected_total)
+
+
+def test_scale_loss_weight_zero_builds_no_per_scale_outputs():
+    model = make_model(scale_loss_weight=0).train()
+    outputs = model(image())
+    assert "scale_logits" not in outputs
+    assert set(model.loss(outputs, labels())) == {"bce", "rmi", "total"}
+
+
+def test_attention_head_bn_statistics_see_both_training_scales():
+    """The attention head runs on the 1.0x training branch too (its output unused), so its running
+    statistics are updated by the 0.5x features, then the 1.0x ones (momentum 0.1)."""
+    model = make_model().train()
+    x = image()
+    bn = model.attn_head[0][1]
+    model(x)
+    assert bn.num_batches_tracked.item() == 2
+    conv = model.attn_head[0][0]
+    with torch.no_grad():
+        mean = {s: conv(model.backbone(resize(x, scaled_size(x.shape[-2:], s)))[3]).mean((0, 2, 3))
+                for s in (0.5, 1.0)}                                   # (C,) batch means of the BN input
+    expected = 0.9 * (0.1 * mean[0.5]) + 0.1 * mean[1.0]
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        model.predict(x, scales=(0.5, 1.0, 2.0))
+    assert bn.num_batches_tracked.item() == 2                           # eval leaves them alone
+
+
+class InterpolateCalls:
+    """Records the output shape of every F.interpolate call."""
+
+    def __init__(self, monkeypatch):
+        self.shapes, original = [], F.interpolate
+
+        def counted(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.shapes.append(tuple(out.shape))
+            return out
+        monkeypatch.setattr(F, "interpolate", counted)
+
+
+def test_evaluation_builds_no_per_scale_full_size_logits(monkeypatch):
+    """In eval, predict resizes logits to the image's size only where the chain needs them: the
+    running result from 2.0x down to 1.0x and a_0.5 * L_0.5 up to 1.0x. Training (with a per-scale
+    loss) also resizes each scale's own logits to the image's size."""
+    model = make_model().eval()
+    x = image()
+    calls = InterpolateCalls(monkeypatch)
+    with torch.no_grad():
+        model.predict(x, scales=(0.5, 1.0, 2.0))
+        assert set(model.fuse(x, (0.5, 1.0, 2.0))) == {"out"}
+    full_size_logits = [s for s in calls.shapes if s == (2, K, 33, 47)]
+    # per call: L_1.0 up to its (the image's) size, the 2.0x result down, a_0.5 * L_0.5 up
+    assert len(full_size_logits) == 2 * 3                               # predict + fuse
+    calls.shapes.clear()
+    model.train()
+    outputs = model(x)
+    assert sorted(outputs["scale_logits"]) == ["0.5", "1.0"]
+    # L_1.0 up, Eq. (1)'s a_0.5 * L_0.5 up, and L_0.5 itself for its own loss
+    assert len([s for s in calls.shapes if s == (2, K, 33, 47)]) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,3 +488,36 @@ def test_rmi_ignores_autocast():
         under_autocast = hma.rmi_loss(logits, target)
     for a, b in zip(plain, under_autocast):
         assert b.dtype == torch.float32 and torch.allclose(a, b)
+
+
+class Float64Outputs(TorchFunctionMode):
+    """Records the shape of every float64 tensor a torch function returns (the forward; the backward
+    of each op runs in its forward's dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_rmi_is_float64_only_from_the_pooled_region_vectors_on():
+    """Sigmoid, mask and 4x4 pooling run in float32 on the (B, K, H, W) map; float64 starts at the
+    pooled maps / region vectors (values and gradients against float64: the reference test above)."""
+    torch.manual_seed(3)
+    logits = torch.randn(1, K, 33, 47, requires_grad=True)
+    mode = Float64Outputs()
+    with mode:
+        bce, rmi = hma.rmi_loss(logits, labels(b=1))
+        (0.5 * bce + 0.5 * rmi).backward()
+    assert mode.shapes, "no float64 at all: the covariances and the Cholesky must stay float64"
+    pooled = (33 + 2 * 2 - 4) // 4 + 1, (47 + 2 * 2 - 4) // 4 + 1       # (9, 12)
+    biggest = max(math.prod(shape) for shape in mode.shapes)
+    assert biggest <= K * 9 * (pooled[0] - 2) * (pooled[1] - 2)          # the (B, K, 9, N) region vectors
+    assert not any(shape[-2:] == (33, 47) for shape in mode.shapes)
+    assert logits.grad.dtype == torch.float32
