@@ -1,7 +1,9 @@
 """GALD v1: Global Aggregation then Local Distribution in Fully Convolutional Networks.
 
-Paper: X. Li, L. Zhang, A. You, M. Yang, K. Yang, Y. Tong, BMVC 2019 (../shared/papers/galdv1_bmvc2019.txt).
-Official code: lxtGH/GALD-DGCNet, libs/models/GALDNet.py (notes/official_code.md section 1).
+Paper: X. Li, L. Zhang, A. You, M. Yang, K. Yang, Y. Tong, "Global Aggregation then Local Distribution
+in Fully Convolutional Networks", BMVC 2019, arXiv:1909.07229 (Sec. 3, Eqs. 1-3, Fig. 2-4, Table 1).
+Authors' code: lxtGH/GALD-DGCNet, libs/models/GALDNet.py (model), libs/core/loss.py (loss),
+train_distribute.py and exp/train_gald_r_101_city_finetrain.sh (training).
 
 Idea. A Global Aggregation (GA) module (CGNL, Non-local, PSP, ASPP) gives every position features
 pooled over a large window, so large patterns dominate and small ones (boundaries, thin objects) get
@@ -10,9 +12,12 @@ GA features with strided depth-wise convolutions, and re-weights them: X_gald = 
 sees concat(X_gald, X) (Sec. 3.2, Fig. 2).
 
 Map from the code to the paper:
+    upsample_strided        Eq. (1)'s "upsample", aligned with the strided convs that made the map
+    PooledBatchNorm         the BN of ASPP's image pooling and PSP's bins (one image per process)
     CGNL, HalfResolution    GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
     NonLocal, PSP, ASPP     the other GA modules of Table 1(a)/(b), Fig. 3(a)-(d)
-    build_ga                one GA module (projected to the block width if needed); galdv2.py imports it
+    build_ga                one GA module (projected to the block width if needed); galdv2.py and
+                            denoised_nl.py import it
     LocalDistribution       LD, Sec. 3.2, Eqs. (1)-(2); downsampling choices of Table 1(e)
     GALDBlock               the arrangements GALD / LDGA / Parallel of Sec. 4.3.1, Table 1(c), Fig. 3(e)-(g)
     GALDHead, GALD          the network of Sec. 3.3 / Fig. 2, Eq. (3), OHEM + aux loss
@@ -20,22 +25,36 @@ Map from the code to the paper:
 forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) (training only),
 'maps': {'ld_mask': (B, 1, H/8, W/8) channel-mean of M (Fig. 4)} (eval only, when LD is on)}.
 
-Paper gaps, filled from the released code or our choice (marked NOTE(paper-gap) below):
+Backbone. The authors' trunk (lxtGH/GALD-DGCNet libs/models/GALDNet.py) is a deep-stem ResNet at
+output stride 8 that dilates EVERY block of layer3 by 2 and of layer4 by 4 (times the multi-grid
+(1, 2, 4) of their scripts: 4, 8, 16), as PSPNet; that is common.ResNet's default convention
+(`--dilation-style torchvision` keeps the previous dilation in a dilated stage's first block).
+
+Paper gaps, filled from the authors' code or by our choice (each marked NOTE(paper-gap) at its line):
 - 3x3 conv 2048->512 before the block, 3x3 conv 512->512 after it, and "X" of Eq. (3) is the raw
   layer4 output (2048 ch); head = 3x3 conv 2560->512 (BN, ReLU, no dropout) -> 1x1 (code). We concat
   in Eq. (3)'s order (X_gald, X); the code's is (layer4, X_gald), which matters only to load its weights.
 - CGNL: 8 groups, dot-product kernel without scaling, grouped 1x1 output conv + GroupNorm + residual;
   its half resolution is a depth-wise 3x3 stride-2 conv + BN + ReLU, bilinear back up (code).
 - W_d = three depth-wise 3x3 stride-2 convs (d = 8), BN after each, ReLU between them (code).
-- Strided convs use padding 1, so a map of H rows becomes ceil(H/2) (ceil(H/d) after W_d). The code
-  uses padding 0 (97 -> 48 -> 23 -> 11 for a 769 crop), which fails on maps below 15 px, i.e. inputs
-  below ~120 px. Upsampling follows common.resize (align_corners=False; the code uses True).
+- Strided convs use padding 1, so a map of H rows becomes ceil(H/2) (ceil(H/d) after W_d), and the
+  coarse map is up-sampled so that its sample j lands on fine pixel 2j (8j for W_d), the pixel its
+  kernel was centred on: M stays aligned with the X_g it weights, on every map size. The code uses
+  padding 0 (97 -> 48 -> 23 -> 11 for a 769 crop), which fails on maps below 15 px, and
+  align_corners=True, which puts coarse sample j (computed at fine pixel 8j + 7) at 9.6j on a 97-px
+  map: a shift from -7 to +9 px. common.resize (align_corners=False) would shift it by +3.5 px on
+  104- and 128-px maps and by 3.2 - 0.54j px on a 97-px one (+3.2 at the first sample, -3.2 at the last).
 - NL, PSP, ASPP do not exist in the code: NL = embedded Gaussian, C/2 inner channels, zero-initialised
-  output BN (Wang et al.); PSP bins (1, 2, 3, 6) with C/4 channels per bin (PSPNet); ASPP rates
-  (6, 12, 18) at output stride 16, i.e. (12, 24, 36) at 8, + image pooling, 256 channels per branch
-  (DeepLabv3). PSP and ASPP end in a conv + BN + ReLU to the block width (PSP without the code's
-  Dropout2d(0.1)); NL and CGNL keep their input width and get a 1x1 conv + BN + ReLU only where it
-  differs from the block width (never in GALD or galdv2.py). NL, PSP, ASPP run at full resolution.
+  output BN (Wang et al., CVPR 2018, arXiv:1711.07971); PSP bins (1, 2, 3, 6) with C/4 channels per bin
+  (Zhao et al., CVPR 2017, arXiv:1612.01105); ASPP rates (6, 12, 18) at output stride 16, i.e.
+  (12, 24, 36) at 8, + image pooling, 256 channels per branch (Chen et al., arXiv:1706.05587). PSP and
+  ASPP end in a conv + BN + ReLU to the block width (PSP without the code's Dropout2d(0.1)); NL and
+  CGNL keep their input width and get a 1x1 conv + BN + ReLU only where it differs from the block
+  width (never in GALD or galdv2.py). NL, PSP, ASPP run at full resolution.
+- The BN of a pooled 1x1 map (ASPP's image pooling, PSP's 1x1 bin) has one value per channel with one
+  image per process and plain BN (one GPU at --batch-size 1, CPU DDP); PooledBatchNorm then uses its
+  running statistics. The authors only train with SyncBN over 8 GPUs (lxtGH/GALD-DGCNet
+  train_distribute.py), where that BN sees 8 values; so does train.py under CUDA DDP.
 - LDGA and Parallel (Fig. 3 f, g): LD then GA; concat(GA(X), LD(X)) -> 3x3 conv to 512.
   --ga none and --no-ld make that part the identity (Table 1 "+LD" and "+GA" rows).
 - Aux head on layer3 (3x3 conv 512, BN, ReLU, dropout 0.1, 1x1), plain CE, weight 0.4; OHEM
@@ -44,6 +63,9 @@ Paper gaps, filled from the released code or our choice (marked NOTE(paper-gap) 
 follow_code=True reproduces the two places where the released code differs from the paper:
 a ReLU after W_d (so M lies in [0.5, 1) instead of (0, 1)) and the double residual
 2 * X_g + M * X_g instead of Eq. (2).
+
+build_model refuses flag combinations that change nothing (common.InputError): --ld-downsample or
+--follow-code with --no-ld, and --arrangement ldga with --ga none or --no-ld (that is gald).
 """
 import argparse
 
@@ -55,11 +77,60 @@ from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_
 
 
 # ----------------------------------------------------------------------------------------------
+# Helpers: aligned up-sampling of a strided map, BatchNorm of a pooled map
+
+
+def upsample_strided(x, size, stride):
+    """Up-sample the output of 3x3 convs of total stride `stride` with padding 1 back to `size`,
+    bilinearly, each coarse sample on the fine pixel it was computed at.
+
+    Such convs centre coarse sample j on fine pixel stride * j, so fine pixel y reads the source
+    coordinate y / stride: align_corners=True onto the stride * (h - 1) + 1 fine pixels from the
+    first sample to the last, then the last sample is repeated over the fewer than `stride` pixels
+    past it. (B, C, h, w) -> (B, C, H, W), with h = ceil(H / stride), w = ceil(W / stride).
+    """
+    H, W = size
+    h, w = x.shape[-2:]
+    span = (stride * (h - 1) + 1, stride * (w - 1) + 1)       # fine pixels 0 .. stride * (h - 1)
+    x = F.interpolate(x, size=span, mode="bilinear", align_corners=True)     # (B, C, span_h, span_w)
+    return F.pad(x, (0, W - span[1], 0, H - span[0]), mode="replicate")      # (B, C, H, W)
+
+
+class PooledBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d for a map made by pooling (ASPP's image pooling, PSP's bins).
+
+    In training, a batch with one value per channel (one image on a 1x1 map) has no batch
+    statistics; this BN then normalises with its running statistics, as in eval, and leaves them
+    as they are. Otherwise, and always in eval, it is nn.BatchNorm2d (same parameters, buffers and
+    state_dict; convert_sync_batchnorm turns it into a SyncBatchNorm like any other BN).
+    """
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.training and B * H * W == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)                 # (B, C, 1, 1)
+        return super().forward(x)
+
+
+def pooled_conv_bn_relu(in_channels, out_channels):
+    """1x1 conv -> PooledBatchNorm -> ReLU: common.conv_bn_relu for a branch that runs on a pooled map."""
+    layer = conv_bn_relu(in_channels, out_channels, 1)
+    # NOTE(paper-gap): with one image per process and plain BN, a 1x1 pooled map normalises with the
+    # running statistics instead of crashing ("Expected more than 1 value per channel") because the
+    # papers train only with SyncBN over 8 GPUs (lxtGH/GALD-DGCNet train_distribute.py), where this BN
+    # sees 8 values. While every batch is one image the statistics stay at (0, 1), so the BN is the
+    # affine gamma * x / sqrt(1 + eps) + beta, the same in training and eval.
+    layer[1] = PooledBatchNorm(out_channels)
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------
 # Global Aggregation modules (Sec. 3.2, Table 1a)
 
 
 class CGNL(nn.Module):
-    """Compact Generalized Non-Local block (Yue et al. 2018), the GA of Sec. 3.2.
+    """Compact Generalized Non-Local block (Yue et al., NeurIPS 2018, arXiv:1810.13125), the GA of Sec. 3.2.
 
     Channels of theta, phi, g are split into groups; within a group the dot-product kernel runs over
     all channel AND spatial positions at once, so per group and sample it is one scalar
@@ -74,7 +145,8 @@ class CGNL(nn.Module):
         self.theta = nn.Conv2d(channels, inner, 1, bias=False)
         self.phi = nn.Conv2d(channels, inner, 1, bias=False)
         self.g = nn.Conv2d(channels, inner, 1, bias=False)
-        # NOTE(paper-gap): grouped 1x1 output conv + GroupNorm(groups), no scaling of the kernel (code)
+        # NOTE(paper-gap): grouped 1x1 output conv + GroupNorm(groups) and no scaling of the kernel
+        # because the authors' SpatialCGNL does so (lxtGH/GALD-DGCNet libs/models/GALDNet.py)
         self.z = nn.Conv2d(inner, channels, 1, groups=groups, bias=False)
         self.norm = nn.GroupNorm(groups, channels)
 
@@ -91,21 +163,29 @@ class CGNL(nn.Module):
 
 class HalfResolution(nn.Module):
     """Run a GA module at half resolution: "we downsample F by a factor of 2 for saving memory and
-    computation cost" (Sec. 3.2). Depth-wise 3x3 stride-2 conv + BN + ReLU, GA, bilinear up."""
+    computation cost" (Sec. 3.2). Depth-wise 3x3 stride-2 conv + BN + ReLU, GA, bilinear up with
+    coarse sample j back on fine pixel 2j (upsample_strided)."""
 
     def __init__(self, ga, channels):
         super().__init__()
-        # NOTE(paper-gap): depth-wise strided conv + BN + ReLU as the downsampler (code), padding 1
+        # NOTE(paper-gap): a depth-wise 3x3 stride-2 conv + BN + ReLU downsamples because the authors'
+        # GALDBlock does (lxtGH/GALD-DGCNet libs/models/GALDNet.py); padding 1 (theirs 0) because it
+        # keeps sample j centred on pixel 2j, which the up-sampling below relies on
         self.down = conv_bn_relu(channels, channels, 3, stride=2, groups=channels)
         self.ga = ga
 
     def forward(self, x):
-        return resize(self.ga(self.down(x)), x.shape[-2:])     # (B, C, H, W)
+        B, C, H, W = x.shape
+        y = self.ga(self.down(x))                              # (B, C, ceil(H/2), ceil(W/2))
+        # NOTE(paper-gap): sample j goes back to pixel 2j because that is where it was computed;
+        # common.resize would put it at 2j + 0.5 on even sizes
+        return upsample_strided(y, (H, W), 2)                  # (B, C, H, W)
 
 
 class NonLocal(nn.Module):
-    """Non-local block, embedded Gaussian (Wang et al. 2018), GA of Sec. 4.3.1, Table 1(a) "+NL";
-    TIP Sec. III-B, Eq. (4): X~ = softmax(X_theta X_phi^T) X_g.
+    """Non-local block, embedded Gaussian (Wang et al., CVPR 2018, arXiv:1711.07971), GA of Sec. 4.3.1,
+    Table 1(a) "+NL"; GALD v2 (IEEE TIP 2021, arXiv:2107.13154) Sec. III-B, Eq. (4):
+    X~ = softmax(X_theta X_phi^T) X_g.
 
     y_i = sum_j softmax_j(theta_i . phi_j) g_j, output x + BN(W y) with BN's gamma zero-initialised,
     so the block starts as the identity.
@@ -113,8 +193,8 @@ class NonLocal(nn.Module):
 
     def __init__(self, channels, *, inner_channels=None):
         super().__init__()
-        # NOTE(paper-gap): embedded Gaussian, C/2 inner channels, zero-initialised output BN (the repo
-        # has no NL; official_code.md 1.4 / DECISIONS.md)
+        # NOTE(paper-gap): embedded Gaussian, C/2 inner channels, zero-initialised output BN because
+        # the authors' repository has no NL and these are the NL paper's choices (Wang et al. Sec. 3.3, 4.1)
         inner = inner_channels or channels // 2
         self.theta = nn.Conv2d(channels, inner, 1)
         self.phi = nn.Conv2d(channels, inner, 1)
@@ -135,15 +215,17 @@ class NonLocal(nn.Module):
 
 
 class PSP(nn.Module):
-    """Pyramid pooling (Zhao et al. 2017; Sec. 2), GA of Sec. 4.3.1, Table 1(a) "+PSP": average pooling
-    to bins x bins, 1x1 conv to C/len(bins), bilinear up, concat with the input, 3x3 conv to out_channels."""
+    """Pyramid pooling (Zhao et al., CVPR 2017, arXiv:1612.01105; Sec. 2), GA of Sec. 4.3.1, Table 1(a)
+    "+PSP": average pooling to bins x bins, 1x1 conv to C/len(bins), bilinear up, concat with the
+    input, 3x3 conv to out_channels."""
 
     def __init__(self, in_channels, out_channels, *, bins=(1, 2, 3, 6)):
         super().__init__()
-        # NOTE(paper-gap): C/4 channels per bin with BN + ReLU, as PSPNet (the code: 512 per bin, no ReLU),
-        # and no Dropout2d(0.1) after the projection (the code's PSPModule ends with one)
+        # NOTE(paper-gap): C/4 channels per bin with BN + ReLU and no Dropout2d(0.1) after the projection
+        # because that is PSPNet's module; the authors' PSPModule (lxtGH/GALD-DGCNet libs/models/PSPNet.py)
+        # uses 512 per bin, no ReLU, and ends with the dropout
         branch = in_channels // len(bins)
-        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, 1))
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), pooled_conv_bn_relu(in_channels, branch))
                                     for b in bins)
         self.project = conv_bn_relu(in_channels + branch * len(bins), out_channels, 3)
 
@@ -153,15 +235,17 @@ class PSP(nn.Module):
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (Chen et al. 2017; Sec. 2), GA of Sec. 4.3.1, Table 1(a) "+ASPP":
-    a 1x1 conv, three dilated 3x3 convs and image pooling, concatenated and projected with a 1x1 conv."""
+    """Atrous spatial pyramid pooling (Chen et al., arXiv:1706.05587; Sec. 2), GA of Sec. 4.3.1,
+    Table 1(a) "+ASPP": a 1x1 conv, three dilated 3x3 convs and image pooling, concatenated and
+    projected with a 1x1 conv."""
 
     def __init__(self, in_channels, out_channels, *, rates=(12, 24, 36), inner_channels=256):
         super().__init__()
-        # NOTE(paper-gap): 256 channels per branch, as DeepLabv3 and the authors' SFSegNets ASPP
+        # NOTE(paper-gap): 256 channels per branch because DeepLabv3 and the authors' ASPP in
+        # lxtGH/SFSegNets network/nn/operators.py use 256
         self.branches = nn.ModuleList([conv_bn_relu(in_channels, inner_channels, 1)] +
                                       [conv_bn_relu(in_channels, inner_channels, 3, dilation=r) for r in rates])
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, inner_channels, 1))
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), pooled_conv_bn_relu(in_channels, inner_channels))
         self.project = conv_bn_relu(inner_channels * (len(rates) + 2), out_channels, 1)
 
     def forward(self, x):
@@ -175,7 +259,8 @@ def build_ga(kind, in_channels, channels, output_stride=8):
     if kind == "psp":
         return PSP(in_channels, channels)
     if kind == "aspp":
-        # NOTE(paper-gap): DeepLabv3's rates (6, 12, 18) at output stride 16, scaled with the stride
+        # NOTE(paper-gap): DeepLabv3's rates (6, 12, 18) at output stride 16, scaled with the stride,
+        # because neither GALD paper gives rates (DeepLabv3 Sec. 4.1 doubles them at stride 8)
         return ASPP(in_channels, channels, rates=tuple(r * 16 // output_stride for r in (6, 12, 18)))
     if kind == "cgnl":
         ga = HalfResolution(CGNL(in_channels), in_channels)
@@ -185,7 +270,8 @@ def build_ga(kind, in_channels, channels, output_stride=8):
         raise InputError(f"unknown GA module {kind!r}, expected cgnl, nl, psp or aspp")
     if in_channels == channels:
         return ga                                              # the code's GALD block: no projection
-    # NOTE(paper-gap): project to the block width with 1x1 conv + BN + ReLU (our choice, official_code.md 1.4)
+    # NOTE(paper-gap): a 1x1 conv + BN + ReLU projects to the block width because NL and CGNL keep
+    # their input width and neither paper says how they meet a different one (our choice)
     return nn.Sequential(ga, conv_bn_relu(in_channels, channels, 1))
 
 
@@ -194,11 +280,14 @@ def build_ga(kind, in_channels, channels, output_stride=8):
 
 
 class LocalDistribution(nn.Module):
-    """LD, Sec. 3.2, Eqs. (1)-(2) (TIP Sec. III-A "LDv1"): M = sigmoid(up(W_d X_g)),
+    """LD, Sec. 3.2, Eqs. (1)-(2) (GALD v2, TIP Sec. III-A "LDv1"): M = sigmoid(up(W_d X_g)),
     X_gald = M * X_g + X_g; forward returns (X_gald, M).
 
     W_d downsamples by d = 8 per channel: "dwconv" = three depth-wise 3x3 stride-2 convs (the
-    paper's choice), "bilinear" / "avgpool" = parameter-free resizing (Table 1e).
+    paper's choice), "bilinear" / "avgpool" = parameter-free resizing (Table 1e). "up" puts every
+    coarse sample back where it was taken: fine pixel 8j for dwconv (upsample_strided), the centre
+    of its bin for bilinear / avgpool (common.resize, the inverse of their align_corners=False
+    sampling; within half a pixel for avgpool's uneven bins).
     follow_code=True: ReLU after W_d (M in [0.5, 1)) and output 2 * X_g + M * X_g (released code).
     """
 
@@ -211,7 +300,9 @@ class LocalDistribution(nn.Module):
         self.downsample, self.follow_code = downsample, follow_code
         if downsample == "dwconv":
             steps = self.ratio.bit_length() - 1                # d = 2 ** steps stride-2 convs
-            # NOTE(paper-gap): BN after every depth-wise conv, ReLU between them (code), padding 1
+            # NOTE(paper-gap): BN after every depth-wise conv and ReLU between them because the authors'
+            # LocalAttenModule does (lxtGH/GALD-DGCNet libs/models/GALDNet.py); padding 1 (theirs 0)
+            # because it keeps sample j centred on fine pixel 8j and works on maps below 15 px
             layers = [conv_bn_relu(channels, channels, 3, stride=2, groups=channels) for _ in range(steps - 1)]
             layers += [nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
                        nn.BatchNorm2d(channels)]
@@ -221,16 +312,23 @@ class LocalDistribution(nn.Module):
         B, C, H, W = x_g.shape
         small = (-(-H // self.ratio), -(-W // self.ratio))    # ceil(H/d), ceil(W/d), as the strided convs
         if self.downsample == "dwconv":
-            w = self.w_d(x_g)                                  # (B, C, H/d, W/d)
+            w = self.w_d(x_g)                                  # (B, C, H/d, W/d): sample j from pixel 8j
         elif self.downsample == "bilinear":
-            w = resize(x_g, small)                             # (B, C, H/d, W/d)
+            w = resize(x_g, small)                             # (B, C, H/d, W/d): sample j at its bin centre
         else:
-            w = F.adaptive_avg_pool2d(x_g, small)              # (B, C, H/d, W/d)
+            w = F.adaptive_avg_pool2d(x_g, small)              # (B, C, H/d, W/d): mean of bin j
         if self.follow_code:
             # the released code's ReLU after the last depth-wise conv; for the parameter-free
             # downsamplings of Table 1(e) (which the code lacks) we apply it too, so M >= 0.5 in every mode
             w = F.relu(w)
-        m = torch.sigmoid(resize(w, (H, W)))                   # Eq. (1): M = sigmoid(up(W_d X_g)), (B, C, H, W)
+        if self.downsample == "dwconv":
+            # NOTE(paper-gap): Eq. (1)'s "upsample" puts coarse sample j back on fine pixel 8j, where
+            # W_d computed it, because M must weight the X_g it was computed from; common.resize would
+            # shift it by +3.5 px on 104- and 128-px maps, by +3.2 to -3.2 px on a 97-px one
+            up = upsample_strided(w, (H, W), self.ratio)       # (B, C, H, W)
+        else:
+            up = resize(w, (H, W))                             # (B, C, H, W)
+        m = torch.sigmoid(up)                                  # Eq. (1): M = sigmoid(up(W_d X_g)), (B, C, H, W)
         residual = 2 * x_g if self.follow_code else x_g
         return m * x_g + residual, m                           # Eq. (2): X_gald = M * X_g + X_g, (B, C, H, W)
 
@@ -276,13 +374,15 @@ class GALDHead(nn.Module):
 
     def __init__(self, block_channels, c3, c4, num_classes, channels=512):
         super().__init__()
-        # NOTE(paper-gap): a 3x3 conv after the block; head = 3x3 conv/BN/ReLU (no dropout) -> 1x1 (code).
-        # The concat follows Eq. (3), (X_gald, X); the code's bottleneck takes (layer4, X_gald): the same
-        # layer up to the order of its input channels, which matters only to load the official weights.
+        # NOTE(paper-gap): a 3x3 conv after the block and a head of 3x3 conv/BN/ReLU (no dropout) -> 1x1
+        # because the authors' GALDHead has them (convb, bottleneck in lxtGH/GALD-DGCNet
+        # libs/models/GALDNet.py). The concat follows Eq. (3), (X_gald, X); the code's bottleneck takes
+        # (layer4, X_gald): the same layer up to the order of its input channels.
         self.convb = conv_bn_relu(block_channels, channels, 3)
         self.head = nn.Sequential(conv_bn_relu(channels + c4, channels, 3), nn.Conv2d(channels, num_classes, 1))
-        # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3, plain CE weight 0.4, and
-        # OHEM (0.7, 100k) on the main output (code; Sec. 3.3 names OHEM only)
+        # NOTE(paper-gap): aux head 3x3 conv/BN/ReLU/dropout 0.1 on layer3 with plain CE weight 0.4, and
+        # OHEM (0.7, 100k) on the main output, because the authors' code does so (CriterionOhemDSN in
+        # lxtGH/GALD-DGCNet libs/core/loss.py); Sec. 3.3 names OHEM only
         self.aux_head = seg_head(c3, channels, num_classes, dropout=0.1)
 
     def forward(self, x_gald, c3, c4, size):
@@ -306,7 +406,8 @@ class GALD(SegModel):
         super().__init__()
         self.backbone = backbone
         c3, c4 = backbone.channels[2:]
-        # NOTE(paper-gap): 3x3 conv to 512 before the block (code)
+        # NOTE(paper-gap): a 3x3 conv to 512 before the block because the authors' GALDHead starts with
+        # one (conva in lxtGH/GALD-DGCNet libs/models/GALDNet.py)
         self.conva = conv_bn_relu(c4, channels, 3)
         self.block = GALDBlock(channels, ga=ga, ld=ld, arrangement=arrangement, ld_downsample=ld_downsample,
                                follow_code=follow_code, output_stride=output_stride)
@@ -326,6 +427,8 @@ class GALD(SegModel):
 
 
 def add_args(parser):
+    # --ld-downsample and --follow-code default to None ("not given"): build_model passes them to GALD
+    # only when given, and refuses them where LD is off
     group = parser.add_argument_group("galdv1: GALD (BMVC 2019)")
     group.add_argument("--ga", default="cgnl", choices=["cgnl", "nl", "psp", "aspp", "none"],
                        help="Global Aggregation module (Table 1a/b); none = LD alone ('+LD' row)")
@@ -333,15 +436,22 @@ def add_args(parser):
                        help="Local Distribution, Eqs. (1)-(2) (--no-ld: the '+GA' rows of Table 1a)")
     group.add_argument("--arrangement", default="gald", choices=["gald", "ldga", "parallel"],
                        help="GA then LD, LD then GA, or both in parallel (Table 1c, Fig. 3 e-g)")
-    group.add_argument("--ld-downsample", default="dwconv", choices=["dwconv", "bilinear", "avgpool"],
-                       help="how LD downsamples by d = 8 for the mask (Table 1e)")
-    group.add_argument("--follow-code", default=False, action=argparse.BooleanOptionalAction,
-                       help="released code: ReLU before the mask's sigmoid and residual 2*X_g + M*X_g")
+    group.add_argument("--ld-downsample", default=None, choices=["dwconv", "bilinear", "avgpool"],
+                       help="how LD downsamples by d = 8 for the mask (Table 1e; default dwconv)")
+    group.add_argument("--follow-code", default=None, action=argparse.BooleanOptionalAction,
+                       help="released code: ReLU before the mask's sigmoid and residual 2*X_g + M*X_g (default off)")
     group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
                        help="OHEM cross-entropy on the main output (Sec. 3.3)")
 
 
 def build_model(args):
+    ld_options = {name: getattr(args, name) for name in ("ld_downsample", "follow_code")
+                  if getattr(args, name) is not None}
+    if ld_options and not args.ld:
+        flags = " and ".join("--" + name.replace("_", "-") for name in ld_options)
+        raise InputError(f"{flags} change(s) only LD, which --no-ld turns off")
+    if args.arrangement == "ldga" and (args.ga == "none" or not args.ld):
+        off = "--ga none" if args.ga == "none" else "--no-ld"
+        raise InputError(f"--arrangement ldga with {off} is --arrangement gald: one module alone has no order")
     return GALD(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, arrangement=args.arrangement,
-                ld_downsample=args.ld_downsample, follow_code=args.follow_code,
-                output_stride=args.output_stride, ohem=args.ohem)
+                output_stride=args.output_stride, ohem=args.ohem, **ld_options)

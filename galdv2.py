@@ -1,11 +1,12 @@
 """GALD v2: Global Aggregation then Local Distribution with the dynamic LD module (LDv2).
 
 Paper: X. Li, L. Zhang, G. Cheng, K. Yang, Y. Tong, X. Zhu, T. Xiang, "Global Aggregation then Local
-Distribution for Scene Parsing", IEEE TIP 2021 (../shared/papers/galdv2_tip.txt).
+Distribution for Scene Parsing", IEEE TIP 2021, arXiv:2107.13154 (Sec. III-A, III-B, Eqs. 6-8, Fig. 5,
+Tables I d, II b/c, IV, VI).
 
-No official code exists for LDv2 (the authors' repository only announces it): this file is the
-reference reconstruction from Sec. III-B, Eqs. (6)-(8) and Fig. 5, with the gaps filled as
-../shared/notes/DECISIONS.md (galdv2) says. The GA modules and LDv1 are imported from galdv1.py.
+No official code exists for LDv2: the authors' repository (lxtGH/GALD-DGCNet) only announces it, and
+its libs/models holds GALD v1 alone. This file is a reconstruction from Sec. III-B, Eqs. (6)-(8) and
+Fig. 5, with the GA modules, LDv1 and the head of GALD v1 imported from galdv1.py.
 
 Idea. GA (ASPP by default) gives every position global context X_g; LDv2 redistributes it with a
 local attention: each position i attends to k x k neighbours sampled with dilation r from
@@ -16,36 +17,52 @@ Map from the paper to this file:
     Sec. III-A, Fig. 5 (a)   GA modules                          galdv1.build_ga
     Sec. III-A, Eqs. (1)-(2) LDv1 (Table IV "LDv1" row)           galdv1.LocalDistribution
     Sec. III-B, Eqs. (6)-(8) LDv2                                 DynamicLocalDistribution
-    Sec. III-B, Fig. 5 (b)   concat(X_gald, X_l) -> head          GALDv2.distribute
-    BMVC Eq. (3)             the v1 head and the aux head         galdv1.GALDHead
+    Sec. III-B, Fig. 5 (b)   X_gald and X_l "combined" -> head    GALDv2.distribute
+    Sec. III-A, Eq. (3)      the v1 head and the aux head         galdv1.GALDHead
     Sec. IV-B                aux head on layer3, OHEM main loss   GALDv2.loss
     Fig. 9                   affinity of one pixel laid out       DynamicLocalDistribution.affinity_map
 
 The network: dilated ResNet -> 3x3 conv 2048->512 (X_l, GALD v1's conva) -> GA (512 -> 512) = X_g
 -> LD -> 3x3 conv 512 (v1's convb) -> concat with layer4 (Eq. 3) -> 3x3 conv 512 -> 1x1 classifier.
-`ld` swaps only the LD step (Table IV): v2 = LDv2 then concat(X_gald, X_l) (so convb reads 1024
-channels), v1 = galdv1's LocalDistribution, none = GA alone; with v1 / none the network is galdv1.GALD
-with the same GA. `ga='none'` gives LDv2 the local features alone (the "+LDv2" rows of Tables I d, II b).
+`ld` swaps only the LD step (Table IV): v2 = LDv2, v1 = galdv1's LocalDistribution, none = GA alone;
+with v1 / none the network is galdv1.GALD with the same GA. `ga='none'` gives LDv2 the local
+features alone (the "+LDv2" rows of Tables I d, II b).
 
-Paper gaps (marked NOTE(paper-gap) in the code):
-  - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (DECISIONS.md, code),
-    so after LDv2's concat(X_gald, X_l) (Fig. 5 b) and convb, Eq. (3) concatenates layer4 too: the
-    head sees both the local features X_l and the raw layer4 X.
-  - Q/K width: 64 channels (official_code.md 1.9, REC 5); V keeps C = 512 so X_gald has X_g's size.
+Backbone. As GALD v1, the authors' convention (lxtGH/GALD-DGCNet libs/models/GALDNet.py): EVERY block
+of layer3 dilated 2 and of layer4 dilated 4 (times the multi-grid), as PSPNet, which the paper says it
+follows (Sec. IV-B); that is common.ResNet's default (`--dilation-style torchvision` for torchvision's).
+
+Two readings of "we combine refined feature X_gald and original feature X_l for final segmentation
+(Figure 5 (b))" (Sec. III-B), switch `combine`:
+  - 'eq3' (default): X_gald goes into Eq. (3)'s concat with the backbone feature directly:
+    convb(X_gald) ++ layer4. The sentence restates Eq. (3) ("the original input feature X and global
+    aggregated feature ... are concatenated together for final segmentation head"), Fig. 5's caption
+    has GALD output "a feature map with same size" as its input, and Table IV's rows then differ in
+    the LD module alone. Costs (ResNet-50, 512 x 512, no aux head): +0.66M parameters, +5.4 GFLOPs over
+    GA; Table VI's GALDv2 R101: 71.35M against the paper's 66.8M.
+  - 'local-first': concat(X_gald, X_l) first, so convb reads 1024 channels, then Eq. (3) concatenates
+    layer4 as well: the head sees X_l twice. +3.02M, +24.7 GFLOPs (the widened convb alone is
+    +2.36M, +19.3 GFLOPs: more than Table IV's whole +2.3M at any Q/K width); GALDv2 R101 73.70M.
+
+Paper gaps (each marked NOTE(paper-gap) at its line):
+  - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (the authors' code).
+  - Q/K width C' = 64 (`key_channels`); V keeps C = 512 so X_gald has X_g's size.
   - The K conv has no bias: a key bias adds q_i . b to all k*k logits of position i and cancels in the
     softmax, so it could never learn. Q and V keep their bias.
-  - No 1/sqrt(d) scaling of the logits: Eq. (8) has none (official_code.md REC 1 suggested one).
+  - No 1/sqrt(d) scaling of the logits: Eq. (8) has none.
   - Zero padding is of x, as the paper says ("zero padding is adopted to handle the border cases"):
     off-image samples are s(n) = 0, so their key is W_phi 0 = 0 (logit 0, they still take part in
-    the softmax) and their value is W_g 0 + b_g = b_g. They are not masked out (official_code.md
-    REC 2 proposed masking; the paper says padding).
+    the softmax) and their value is W_g 0 + b_g = b_g. They are not masked out.
   - Table II (b) is best at k=5, r=6 (the 80.8 quoted in Tables I d, IV), but the text says "k = 5 and
-    r = 3 is used for the remaining datasets": the default is k=5, r=3 (DECISIONS.md).
-  - No residual around LDv2 (official_code.md REC 3 proposed X_g + LDv2): Eq. (8) and Fig. 5 (b) have
-    none, X_l reaches the head through the concat.
+    r = 3 is used for the remaining datasets": the default is k=5, r=3.
+  - No residual around LDv2: Eq. (8) and Fig. 5 (b) have none; X_l reaches the head through LDv2's
+    input and, with 'local-first', through the concat.
 Implementation, not a deviation: the (B, C, k*k, H, W) tensor of sampled features is never built (see
 DynamicLocalDistribution.forward); tests/test_galdv2.py proves the result equal, values and
 gradients, to the explicit unfold form of Eqs. (6)-(8).
+
+build_model refuses the LDv2 flags (--ld-combine, --ld-kernel, --ld-dilation, --ld-key-channels,
+--key-input, --query-input, --affinity-pixel) with --ld v1 or none, where they change nothing.
 
 forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) in training,
 'maps' in eval only: {'affinity': (B, 1, h, w)} for ld=v2, {'ld_mask': (B, 1, h, w)} for ld=v1}.
@@ -79,15 +96,18 @@ class DynamicLocalDistribution(nn.Module):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
             raise InputError(f"LDv2 needs an odd kernel size and dilation >= 1, got k={kernel_size}, r={dilation}")
+        if key_channels < 1:
+            raise InputError(f"LDv2 needs a query/key width >= 1, got {key_channels}")
         for name, choice in (("key_input", key_input), ("query_input", query_input)):
             if choice not in ("concat", "global"):
                 raise InputError(f"LDv2 {name} must be concat or global, got {choice!r}")
         self.kernel_size, self.dilation = kernel_size, dilation
         self.key_input, self.query_input = key_input, query_input
         width = lambda choice: 2 * channels if choice == "concat" else channels
-        # NOTE(paper-gap): Q/K project to 64 channels, V keeps C (official_code.md 1.9, REC 5).
+        # NOTE(paper-gap): Q/K project to C' = 64 channels and V keeps C because the paper gives no
+        # width ("1x1 convolution for dimension reduction", Eq. 4) and X_gald must have X_g's size
         self.query = nn.Conv2d(width(query_input), key_channels, 1)                 # W_theta
-        # NOTE(paper-gap): no key bias: q_i . b is the same for all k*k logits and cancels in Eq. (8).
+        # NOTE(paper-gap): no key bias because q_i . b is the same for all k*k logits and cancels in Eq. (8)
         self.key = nn.Conv2d(width(key_input), key_channels, 1, bias=False)        # W_phi
         self.value = nn.Conv2d(2 * channels, channels, 1)                           # W_g
 
@@ -104,14 +124,14 @@ class DynamicLocalDistribution(nn.Module):
         # A 1x1 conv commutes with sampling, and W 0 = 0 without bias: project first, then sample
         # the projections with zero padding. That is Eqs. (6)-(7) on x at 1/(k*k) of the cost, with
         # no (B, C, k*k, H, W) tensor. The value bias is added after the sum: the weights sum to 1.
-        # NOTE(paper-gap): x is zero-padded and off-image samples take part in the softmax, as the paper
-        # says ("zero padding"), rather than being masked out (official_code.md REC 2)
+        # NOTE(paper-gap): x is zero-padded and off-image samples take part in the softmax, not masked
+        # out, because the paper says "zero padding is adopted to handle the border cases"
         p = self.dilation * (self.kernel_size // 2)
         keys = F.pad(self.key(x if self.key_input == "concat" else x_g), (p, p, p, p))  # (B, D, H+2p, W+2p)
         values = F.pad(F.conv2d(x, self.value.weight), (p, p, p, p))      # (B, C, H+2p, W+2p)
         window = lambda t, dy, dx: t[:, :, p + dy:p + dy + H, p + dx:p + dx + W]  # s(n) for all i
         logits = torch.stack([(q * window(keys, dy, dx)).sum(1) for dy, dx in self.offsets()], 1)  # (B, k*k, H, W)
-        # NOTE(paper-gap): no 1/sqrt(d) scaling of the logits: Eq. (8) has none
+        # NOTE(paper-gap): no 1/sqrt(d) scaling of the logits because Eq. (8) has none
         affinity = logits.softmax(1)                                       # Eq. (8): delta = softmax over n
         x_gald = self.value.bias.view(1, C, 1, 1)
         for n, (dy, dx) in enumerate(self.offsets()):                      # Eq. (8): sum_n a_n s_g(n)
@@ -138,22 +158,26 @@ class DynamicLocalDistribution(nn.Module):
 
 class GALDv2(SegModel):
     """TIP Sec. III-A/B: dilated ResNet -> 3x3 conv (X_l) -> GA (X_g) -> LD -> 3x3 conv -> head on
-    concat(., layer4).
+    concat(., layer4) (Eq. 3).
 
-    ld='v2': X_gald = LDv2(X_g, X_l), then concat(X_gald, X_l) (Fig. 5 b); ld='v1': galdv1's LD,
-    Eqs. (1)-(2); ld='none': X_g alone. ga='none' feeds X_l as X_g (Table I d / II b "+LDv2" rows).
+    ld='v2': X_gald = LDv2(X_g, X_l); combine='eq3' feeds X_gald to Eq. (3) directly, 'local-first'
+    feeds concat(X_gald, X_l) (Fig. 5 b, the two readings of the module docstring); ld='v1': galdv1's
+    LD, Eqs. (1)-(2); ld='none': X_g alone. ga='none' feeds X_l as X_g (Table I d / II b "+LDv2" rows).
     Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux' (Sec. IV-B).
     Eval adds 'maps'; affinity_pixel: the (y, x) position, relative to the map, whose affinity it shows (Fig. 9).
     """
 
-    def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", kernel_size=5, dilation=3,
+    def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", combine="eq3", kernel_size=5, dilation=3,
                  key_input="concat", query_input="concat", channels=512, key_channels=64,
                  output_stride=8, aux_weight=0.4, ohem=True, affinity_pixel=(0.5, 0.5)):
         super().__init__()
+        if combine not in ("eq3", "local-first"):
+            raise InputError(f"LDv2 combine must be eq3 or local-first, got {combine!r}")
         self.backbone = backbone
         c3, c4 = backbone.channels[2:]
-        self.ld_kind, self.affinity_pixel = ld, affinity_pixel
-        # NOTE(paper-gap): X_l = 3x3 conv 2048->512 of layer4, the GA's input as GALD v1's conva (DECISIONS.md)
+        self.ld_kind, self.combine, self.affinity_pixel = ld, combine, tuple(affinity_pixel)
+        # NOTE(paper-gap): X_l = a 3x3 conv 2048->512 of layer4 that also feeds the GA because that is
+        # GALD v1's conva (lxtGH/GALD-DGCNet libs/models/GALDNet.py) and the paper names no other
         self.local = conv_bn_relu(c4, channels, 3)
         self.ga = nn.Identity() if ga == "none" else build_ga(ga, channels, channels, output_stride)
         if ld == "v2":
@@ -164,17 +188,23 @@ class GALDv2(SegModel):
             self.ld = LocalDistribution(channels)
         elif ld != "none":
             raise InputError(f"--ld must be v2, v1 or none, got {ld!r}")
-        # NOTE(paper-gap): the GALD v1 head (Eq. 3, GALD code). With LDv2, convb reads LDv2's concat(X_gald,
-        # X_l) (2 x 512 channels, Fig. 5 b) and Eq. (3) then concatenates layer4 as well (DECISIONS.md).
-        self.decoder = GALDHead(2 * channels if ld == "v2" else channels, c3, c4, num_classes, channels)
+        # NOTE(paper-gap): the GALD v1 head (convb, Eq. 3 with layer4, 3x3 conv, 1x1) because the paper
+        # builds on GALD v1 and describes no other; convb reads 2 x 512 channels only for 'local-first'
+        widened = ld == "v2" and combine == "local-first"
+        self.decoder = GALDHead(2 * channels if widened else channels, c3, c4, num_classes, channels)
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def distribute(self, x_g, x_l):
         """The LD step: features for convb, and LDv2's affinity or LDv1's M (None without LD)."""
         if self.ld_kind == "v2":
             x_gald, affinity = self.ld(x_g, x_l)                       # Eqs. (6)-(8), (B, C, H, W)
-            # NOTE(paper-gap): no residual X_g + LDv2 (official_code.md REC 3): Eq. (8) and Fig. 5 (b) have none
-            return torch.cat([x_gald, x_l], 1), affinity               # Fig. 5 (b): (B, 2C, H, W)
+            # NOTE(paper-gap): no residual X_g + LDv2 because Eq. (8) and Fig. 5 (b) have none
+            if self.combine == "local-first":
+                return torch.cat([x_gald, x_l], 1), affinity           # Fig. 5 (b) read literally: (B, 2C, H, W)
+            # NOTE(paper-gap): X_gald enters Eq. (3)'s concat with layer4 directly ('eq3') because Sec.
+            # III-B's "combine X_gald and original feature X_l for final segmentation" restates Eq. (3),
+            # Fig. 5 has GALD output a map of its input's size, and Table IV's rows then differ in LD alone
+            return x_gald, affinity                                    # (B, C, H, W)
         if self.ld_kind == "v1":
             return self.ld(x_g)                                        # Eqs. (1)-(2), (B, C, H, W)
         return x_g, None
@@ -199,26 +229,43 @@ class GALDv2(SegModel):
         return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)
 
 
+# The LDv2 flags and the GALDv2 keywords they set. They default to None ("not given"): build_model
+# passes only the given ones (GALDv2's own defaults are the paper's) and refuses them without LDv2.
+LDV2_FLAGS = {"ld_combine": "combine", "ld_kernel": "kernel_size", "ld_dilation": "dilation",
+              "ld_key_channels": "key_channels", "key_input": "key_input", "query_input": "query_input",
+              "affinity_pixel": "affinity_pixel"}
+
+
 def add_args(parser):
     group = parser.add_argument_group("galdv2: GALD v2 with dynamic Local Distribution (TIP 2021)")
     group.add_argument("--ga", default="aspp", choices=["aspp", "psp", "nl", "cgnl", "none"],
                        help="Global Aggregation module (Table I d); none = LD alone (the '+LDv2' rows)")
     group.add_argument("--ld", default="v2", choices=["v2", "v1", "none"],
                        help="Local Distribution: LDv2 (Sec. III-B), LDv1 (Eqs. 1-2) or none (Table IV rows)")
-    # NOTE(paper-gap): k=5, r=3 as the text says for all datasets, although Table II (b) peaks at k=5, r=6
-    group.add_argument("--ld-kernel", type=int, default=5, help="LDv2 local kernel size k, k*k samples (Table II b)")
-    group.add_argument("--ld-dilation", type=int, default=3, help="LDv2 sampling dilation rate r (Table II b)")
-    group.add_argument("--key-input", default="concat", choices=["concat", "global"],
-                       help="LDv2 key from concat(X_g, X_l) or from X_g only (Table II c 'Key' row)")
-    group.add_argument("--query-input", default="concat", choices=["concat", "global"],
-                       help="LDv2 query from concat(X_g, X_l) or from X_g only (Table II c 'Query' row)")
+    group.add_argument("--ld-combine", default=None, choices=["eq3", "local-first"],
+                       help="LDv2 output into the head: eq3 = X_gald into Eq. (3)'s concat with layer4 "
+                            "(default); local-first = concat(X_gald, X_l) before it (Fig. 5 b)")
+    # NOTE(paper-gap): k=5, r=3 because the text says so for all datasets, although Table II (b) peaks at r=6
+    group.add_argument("--ld-kernel", type=int, default=None,
+                       help="LDv2 local kernel size k, k*k samples (Table II b; default 5)")
+    group.add_argument("--ld-dilation", type=int, default=None,
+                       help="LDv2 sampling dilation rate r (Table II b; default 3)")
+    group.add_argument("--ld-key-channels", type=int, default=None,
+                       help="LDv2 query/key width C' (default 64; the paper gives none)")
+    group.add_argument("--key-input", default=None, choices=["concat", "global"],
+                       help="LDv2 key from concat(X_g, X_l) (default) or from X_g only (Table II c 'Key' row)")
+    group.add_argument("--query-input", default=None, choices=["concat", "global"],
+                       help="LDv2 query from concat(X_g, X_l) (default) or from X_g only (Table II c 'Query' row)")
     group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
                        help="OHEM cross-entropy on the main output (Sec. IV-B)")
-    group.add_argument("--affinity-pixel", type=float, nargs=2, default=[0.5, 0.5], metavar=("Y", "X"),
-                       help="relative position of the pixel whose LDv2 affinity 'maps' shows (Fig. 9)")
+    group.add_argument("--affinity-pixel", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                       help="relative position of the pixel whose LDv2 affinity 'maps' shows (Fig. 9; default 0.5 0.5)")
 
 
 def build_model(args):
-    return GALDv2(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, kernel_size=args.ld_kernel,
-                  dilation=args.ld_dilation, key_input=args.key_input, query_input=args.query_input,
-                  output_stride=args.output_stride, ohem=args.ohem, affinity_pixel=tuple(args.affinity_pixel))
+    ldv2 = {kw: getattr(args, flag) for flag, kw in LDV2_FLAGS.items() if getattr(args, flag) is not None}
+    if ldv2 and args.ld != "v2":
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in LDV2_FLAGS if getattr(args, flag) is not None)
+        raise InputError(f"{flags}: LDv2 options, which --ld {args.ld} does not use")
+    return GALDv2(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, output_stride=args.output_stride,
+                  ohem=args.ohem, **ldv2)

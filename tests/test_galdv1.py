@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import InputError, ResNet, resize  # noqa: E402
 from galdv1 import (ASPP, CGNL, GALD, GALDBlock, HalfResolution, LocalDistribution, NonLocal,  # noqa: E402
-                    add_args, build_ga, build_model)
+                    PooledBatchNorm, add_args, build_ga, build_model, upsample_strided)
 
 
 def randomise_norms(module, seed=0):
@@ -51,6 +51,20 @@ def cgnl_slow(block, x):
         normed = torch.cat(normed) * block.norm.weight[:, None, None] + block.norm.bias[:, None, None]
         out.append(x[b] + normed)
     return torch.stack(out)
+
+
+def aligned_weights(size, small, stride):
+    """(size, small) matrix of the linear interpolation that reads fine pixel y at source coordinate
+    y / stride of a coarse axis of `small` samples, clamped at the last one, written out per pixel."""
+    A = torch.zeros(size, small, dtype=torch.float64)
+    for y in range(size):
+        s = y / stride
+        j = min(int(s), small - 1)
+        t = s - j if j < small - 1 else 0.0
+        A[y, j] += 1 - t
+        if t:
+            A[y, j + 1] += t
+    return A
 
 
 def test_cgnl_matches_explicit_group_loop_values_and_gradients():
@@ -110,8 +124,9 @@ def test_aspp_rates_scale_with_output_stride():
 
 def test_ld_eq1_eq2_match_a_written_out_reference():
     """Eq. (1) on the default dwconv path by hand: W_d = two (depth-wise 3x3 stride-2 conv, BN, ReLU)
-    then (conv, BN), BN in eval mode with random statistics; bilinear up (align_corners=False) to
-    X_g's size, then the sigmoid. Eq. (2): M * X_g + X_g; follow_code: ReLU after W_d, 2 X_g + M X_g."""
+    then (conv, BN), BN in eval mode with random statistics; linear interpolation to X_g's size with
+    coarse sample j on fine pixel 8j (aligned_weights), then the sigmoid. Eq. (2): M * X_g + X_g;
+    follow_code: ReLU after W_d, 2 X_g + M X_g."""
     torch.manual_seed(0)
     C, H, W = 6, 19, 23
     ld = LocalDistribution(C).double().eval()
@@ -132,7 +147,7 @@ def test_ld_eq1_eq2_match_a_written_out_reference():
         w = w * bn.weight.view(1, C, 1, 1) + bn.bias.view(1, C, 1, 1)
         w = w.clamp(min=0) if i < 2 else w                        # ReLU between the convs only
     assert w.shape == (2, C, 3, 3)                                # 19 -> 10 -> 5 -> 3, 23 -> 12 -> 6 -> 3
-    up = lambda t: F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)
+    up = lambda t: torch.einsum("yi,bcij,xj->bcyx", aligned_weights(H, 3, 8), t, aligned_weights(W, 3, 8))
     expected_m = torch.sigmoid(up(w))
     out, m = ld(x)
     torch.testing.assert_close(m, expected_m)
@@ -242,15 +257,125 @@ def test_gald_network_outputs_loss_and_gradients_on_odd_input():
     assert mask.shape == (2, 1, 5, 6) and (mask >= 0).all() and (mask <= 1).all()
 
 
+@pytest.mark.parametrize("size", [97, 104, 128])
+@pytest.mark.parametrize("stride", [8, 2])
+def test_upsampled_impulse_peaks_at_its_own_fine_pixel(size, stride):
+    """An impulse at coarse sample j (of ceil(size / stride)) peaks at fine pixel stride * j, for every
+    j: LD's mask (stride 8, 97 / 104 / 128-px maps: 769 and 832 crops, 1024 x 2048 images) and
+    HalfResolution (stride 2). Inside, the response is the linear hat 1 - |y - stride j| / stride.
+    Border tolerance: none for the peak; the first sample's hat is cut at pixel 0, and the last sample
+    is repeated over the size - 1 - stride * (h - 1) pixels past it (0 for 97 at stride 8, 7 for 104
+    and 128). common.resize put the peaks at stride * j + 3.5 (stride 8, 104 / 128 px)."""
+    h = -(-size // stride)
+    impulses = torch.eye(h, dtype=torch.float64).view(1, h, h, 1)      # channel j: impulse at row j
+    response = upsample_strided(impulses, (size, 1), stride)[0, :, :, 0]  # (h, size)
+    assert response.shape == (h, size)
+    assert response.argmax(1).tolist() == [stride * j for j in range(h)]
+    y = torch.arange(size, dtype=torch.float64)
+    for j in range(h - 1):
+        hat = (1 - (y - stride * j).abs() / stride).clamp(min=0)
+        torch.testing.assert_close(response[j], hat)
+    past = size - 1 - stride * (h - 1)
+    assert torch.equal(response[-1, stride * (h - 1):], torch.ones(past + 1, dtype=torch.float64))
+
+
+def identity_taps(module):
+    """Every depth-wise conv a centre tap of 1 and every BN the identity (eval): a strided conv then
+    just samples pixel 2j."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data.zero_()
+            m.weight.data[:, :, 1, 1] = 1
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.running_var.fill_(1 - m.eps)
+    return module.double().eval()
+
+
+@pytest.mark.parametrize("size", [(97, 104), (128, 65)])
+def test_ld_mask_and_half_resolution_keep_a_ramp_in_place(size):
+    """End to end: W_d (or HalfResolution's conv) samples pixel 8j (2j), the up-sampling puts it back
+    there, so a positive linear ramp comes back unchanged up to the last sample (past it, the last
+    sample repeats): M = sigmoid(ramp) exactly, with no shift."""
+    H, W = size
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    ramp = (0.01 * yy + 0.02 * xx + 0.1).expand(1, 2, H, W)
+    for stride, run in [(8, lambda x: identity_taps(LocalDistribution(2))(x)[1]),
+                        (2, lambda x: identity_taps(HalfResolution(torch.nn.Identity(), 2))(x))]:
+        out = run(ramp)
+        expected = torch.sigmoid(ramp) if stride == 8 else ramp
+        last_y, last_x = stride * ((H - 1) // stride), stride * ((W - 1) // stride)
+        torch.testing.assert_close(out[..., :last_y + 1, :last_x + 1], expected[..., :last_y + 1, :last_x + 1])
+
+
+@pytest.mark.parametrize("kind", ["aspp", "psp"])
+def test_pooled_branches_train_on_one_image_per_process(kind):
+    """ASPP's image pooling and PSP's 1x1 bin: with one image and plain BN they used to die with
+    "Expected more than 1 value per channel". Their PooledBatchNorm then uses its running
+    statistics (left unchanged), so training and eval agree; at two images it is plain BN."""
+    torch.manual_seed(0)
+    ga = build_ga(kind, 8, 8).train()
+    pooled = [m for m in ga.modules() if isinstance(m, PooledBatchNorm)]
+    assert len(pooled) == (1 if kind == "aspp" else 4)
+    x = torch.randn(1, 8, 7, 9, requires_grad=True)
+    ga(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in ga.parameters())
+    one = [m for m in pooled if m.num_batches_tracked == 0]   # the 1x1 maps: statistics untouched
+    assert len(one) == 1
+    bn = one[0]
+    assert torch.equal(bn.running_mean, torch.zeros(bn.num_features)) and torch.equal(bn.running_var, torch.ones(bn.num_features))
+    v = torch.randn(1, bn.num_features, 1, 1)
+    torch.testing.assert_close(bn(v), bn.eval()(v))
+    bn.train()
+    v = torch.randn(2, bn.num_features, 1, 1)
+    plain = torch.nn.BatchNorm2d(bn.num_features)
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(v), plain(v))
+
+
+def test_gald_with_aspp_trains_on_one_image():
+    """One image, ASPP (LD off here: W_d's own BN needs a coarse map above 1 x 1, i.e. an image above 64 px)."""
+    model = GALD(ResNet(18, 8), 3, ga="aspp", ld=False, channels=16).train()
+    out = model(torch.randn(1, 3, 33, 41))                    # 5 x 6 features, 1 x 1 image pooling
+    model.loss(out, torch.randint(0, 3, (1, 33, 41)))["total"].backward()
+
+
+def parse(argv, **common):
+    """galdv1's flags as given, plus the common ones build_backbone reads."""
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    args = parser.parse_args(argv)
+    defaults = dict(num_classes=3, backbone="resnet18", stem="tv", output_stride=8, multi_grid=None,
+                    pretrained=None, dilation_style="pspnet")
+    return argparse.Namespace(**vars(args), **{**defaults, **common})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-ld", "--follow-code"], "--follow-code change(s) only LD, which --no-ld turns off"),
+    (["--no-ld", "--no-follow-code"], "--follow-code change(s) only LD"),
+    (["--no-ld", "--ld-downsample", "bilinear"], "--ld-downsample change(s) only LD"),
+    (["--no-ld", "--ld-downsample", "dwconv", "--follow-code"], "--ld-downsample and --follow-code change"),
+    (["--ga", "none", "--arrangement", "ldga"], "--arrangement ldga with --ga none is --arrangement gald"),
+    (["--no-ld", "--arrangement", "ldga", "--ga", "psp"], "--arrangement ldga with --no-ld is"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_flags_that_change_nothing_are_refused(argv, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_model(parse(argv))
+
+
 def test_cli_defaults_are_the_papers_best_and_build_model():
     parser = argparse.ArgumentParser()
     add_args(parser)
     args = parser.parse_args([])
-    assert (args.ga, args.ld, args.arrangement, args.ld_downsample, args.follow_code, args.ohem) == \
-        ("cgnl", True, "gald", "dwconv", False, True)
-    args = parser.parse_args(["--ga", "aspp", "--no-ld", "--no-ohem"])
-    common = dict(num_classes=3, backbone="resnet18", stem="tv", output_stride=16, multi_grid=None,
-                  pretrained=None)
-    model = build_model(argparse.Namespace(**vars(args), **common))
+    assert (args.ga, args.ld, args.arrangement, args.ohem) == ("cgnl", True, "gald", True)
+    assert (args.ld_downsample, args.follow_code) == (None, None)      # "not given": GALD's defaults
+    model = build_model(parse([]))
+    assert (model.block.ld.downsample, model.block.ld.follow_code) == ("dwconv", False)
+    model = build_model(parse(["--ga", "aspp", "--no-ld", "--no-ohem"], output_stride=16))
     assert model.block.ld is None and not model.ohem
     assert [b[0].dilation[0] for b in model.block.ga.branches[1:]] == [6, 12, 18]
+    model = build_model(parse(["--ld-downsample", "avgpool", "--follow-code", "--arrangement", "parallel",
+                               "--ga", "none"]))
+    assert (model.block.ld.downsample, model.block.ld.follow_code, model.block.arrangement) == \
+        ("avgpool", True, "parallel")
+    assert build_model(parse(["--ga", "none", "--no-ld"])).block.ld is None

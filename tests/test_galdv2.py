@@ -1,5 +1,7 @@
 """Math tests for galdv2.py: LDv2 (Eqs. 6-8) against the explicit unfold formulation, borders, k=1,
 the Fig. 9 affinity map, and the network's outputs. CPU, tiny inputs."""
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,14 +151,81 @@ def n_params(module):
 
 
 def test_ld_switch_swaps_only_the_ld_module():
-    """ld=v1 / none are GALD v1 with the same GA (galdv1.GALD, ld on / off); ld=v2 adds exactly the
-    LDv2 convs and the wider input of convb that concat(X_gald, X_l) needs (Table IV's comparison)."""
+    """ld=v1 / none are GALD v1 with the same GA (galdv1.GALD, ld on / off). ld=v2 with the default
+    combine='eq3' adds exactly the LDv2 convs (Table IV's rows differ in the LD module alone);
+    'local-first' also widens convb to read concat(X_gald, X_l): 2C -> C instead of C -> C."""
     none, v1, v2 = (small_model(ld=ld) for ld in ("none", "v1", "v2"))
     for model, ld in ((none, False), (v1, True)):
         reference = galdv1.GALD(common.ResNet(18, 8), 5, ga="aspp", ld=ld, channels=32)
         assert n_params(model) == n_params(reference)
-    assert n_params(v2) - n_params(none) == n_params(v2.ld) + 32 * 32 * 9     # convb: 64 -> 32 instead of 32 -> 32
+    assert v2.combine == "eq3" and v2.decoder.convb[0].in_channels == 32
+    assert n_params(v2) - n_params(none) == n_params(v2.ld)
     assert n_params(v1) - n_params(none) == n_params(v1.ld)
+    wide = small_model(combine="local-first")
+    assert n_params(wide) - n_params(none) == n_params(wide.ld) + 32 * 32 * 9
+
+
+@pytest.mark.parametrize("combine", ["eq3", "local-first"])
+def test_combine_decides_what_reaches_eq3(combine):
+    """eq3: convb reads X_gald itself; local-first: concat(X_gald, X_l). Either way Eq. (3) then
+    concatenates convb's output with layer4 (2C + 512 channels into the head's 3x3 conv)."""
+    model = small_model(combine=combine, kernel_size=3, dilation=2).eval()
+    seen = {}
+    model.ld.register_forward_hook(lambda m, i, o: seen.update(x_gald=o[0], x_l=i[1]))
+    model.decoder.convb.register_forward_hook(lambda m, i, o: seen.update(convb_in=i[0]))
+    model.decoder.head.register_forward_hook(lambda m, i, o: seen.update(head_in=i[0]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 41, 49))
+    expected = seen["x_gald"] if combine == "eq3" else torch.cat([seen["x_gald"], seen["x_l"]], 1)
+    assert torch.equal(seen["convb_in"], expected)
+    assert seen["head_in"].shape[1] == 32 + 512                 # Eq. (3): convb(.) ++ layer4 (ResNet-18)
+
+
+def test_head_flops_of_the_two_readings():
+    """FlopCounterMode: local-first costs exactly the widened convb more than eq3, 2 (2C - C) C 9 h w,
+    and the GA (ASPP) reads the C-channel X_l, not layer4."""
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for combine in ("eq3", "local-first"):
+        model = small_model(combine=combine, kernel_size=3, dilation=2).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 33, 41))                    # 5 x 6 features
+        flops[combine] = counter.get_total_flops()
+    assert flops["local-first"] - flops["eq3"] == 2 * 32 * 32 * 9 * 5 * 6
+    assert all(b[0].in_channels == 32 for b in model.ga.branches) and model.ga.image_pool[1][0].in_channels == 32
+
+
+class StubTrunk(torch.nn.Module):
+    """Stands in for a ResNet-50/101 (stage widths only) to count the head's parameters fast."""
+    channels = (256, 512, 1024, 2048)
+
+
+def head_params(model):
+    """Parameters outside the backbone and the training-only aux head."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("backbone.", "decoder.aux_head.")))
+
+
+def test_head_parameter_counts_of_tables_iv_and_vi():
+    """The heads behind the README's Table IV / VI rows (512 channels, 19 classes, Q/K width 64): a
+    deep-stem ResNet-50 adds 23.632M, a ResNet-101 42.624M. GA (ASPP) 28.066M; + LDv1 16.9k;
+    + LDv2 0.656M with eq3, 3.015M with local-first (its widened convb alone 2.359M); GALD v1 (CGNL) 24.039M."""
+    with torch.device("meta"):
+        build = lambda **kw: head_params(galdv2.GALDv2(StubTrunk(), 19, **kw))
+        ga, v1, eq3, wide = build(ld="none"), build(ld="v1"), build(), build(combine="local-first")
+        gald1 = head_params(galdv1.GALD(StubTrunk(), 19))
+        wider_keys = build(key_channels=512)
+    assert (ga, v1 - ga, eq3 - ga, wide - ga, wide - eq3) == (28065811, 16896, 655936, 3015232, 2359296)
+    assert gald1 == 24038931
+    assert wider_keys - eq3 == (512 - 64) * (2 * 1024 + 1)     # Q and K: 1024 -> C', Q with a bias
+
+
+def test_default_network_trains_on_one_image():
+    """ASPP's image pooling at one image per process (single GPU --batch-size 1, CPU DDP): used to die
+    with "Expected more than 1 value per channel"."""
+    model = small_model().train()
+    out = model(torch.randn(1, 3, 72, 88))
+    model.loss(out, torch.randint(0, 5, (1, 72, 88)))["total"].backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("ld, maps", [("v2", {"affinity"}), ("v1", {"ld_mask"}), ("none", set())])
@@ -182,15 +251,46 @@ def test_network_odd_size_outputs_and_maps(ld, maps):
         assert (out["maps"]["affinity"] > 0).sum() == 2 * 4 and out["maps"]["affinity"][:, 0, 0, 5].gt(0).all()
 
 
+def parse(argv):
+    """galdv2's flags as given, plus the common ones build_backbone reads."""
+    parser = argparse.ArgumentParser()
+    galdv2.add_args(parser)
+    args = parser.parse_args(argv)
+    return argparse.Namespace(**vars(args), num_classes=3, backbone="resnet18", stem="tv", output_stride=8,
+                              multi_grid=None, pretrained=None, dilation_style="pspnet")
+
+
 def test_cli_defaults_are_the_papers_and_build_model():
-    """train.py's parser with --method galdv2: ASPP + LDv2, k=5, r=3 (the text's choice for all
-    datasets), key and query from concat(X_g, X_l), OHEM on."""
+    """train.py's parser with --method galdv2: the LDv2 flags are None ("not given") and build_model
+    leaves them at GALDv2's defaults: ASPP + LDv2, eq3, k=5, r=3 (the text's choice for all
+    datasets), Q/K width 64, key and query from concat(X_g, X_l), OHEM on."""
     args = train.parse_args(["--method", "galdv2", "--backbone", "resnet18"])
-    assert (args.ga, args.ld, args.ld_kernel, args.ld_dilation, args.key_input, args.query_input, args.ohem) == \
-        ("aspp", "v2", 5, 3, "concat", "concat", True)
-    args.num_classes = 3
-    model = galdv2.build_model(args)
+    assert (args.ga, args.ld, args.ohem) == ("aspp", "v2", True)
+    assert all(getattr(args, flag) is None for flag in galdv2.LDV2_FLAGS)
+    model = galdv2.build_model(parse([]))
     assert isinstance(model.ga, galdv1.ASPP) and [b[0].dilation[0] for b in model.ga.branches[1:]] == [12, 24, 36]
     ld = model.ld
     assert isinstance(ld, galdv2.DynamicLocalDistribution) and model.ohem and model.aux_weight == 0.4
-    assert (ld.kernel_size, ld.dilation, ld.key_input, ld.query_input) == (5, 3, "concat", "concat")
+    assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.query_input, ld.query.out_channels) == \
+        ("eq3", 5, 3, "concat", "concat", 64)
+    assert model.affinity_pixel == (0.5, 0.5)
+    model = galdv2.build_model(parse(["--ld-combine", "local-first", "--ld-kernel", "3", "--ld-dilation", "6",
+                                      "--ld-key-channels", "16", "--key-input", "global", "--affinity-pixel", "0", "1"]))
+    ld = model.ld
+    assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.key.out_channels, model.affinity_pixel) == \
+        ("local-first", 3, 6, "global", 16, (0.0, 1.0))
+    assert model.decoder.convb[0].in_channels == 1024
+
+
+LDV2_ARGV = [["--ld-combine", "eq3"], ["--ld-kernel", "3"], ["--ld-dilation", "6"], ["--ld-key-channels", "32"],
+             ["--key-input", "global"], ["--query-input", "concat"], ["--affinity-pixel", "0.2", "0.8"]]
+
+
+@pytest.mark.parametrize("ld", ["v1", "none"])
+@pytest.mark.parametrize("flag", LDV2_ARGV, ids=[a[0] for a in LDV2_ARGV])
+def test_ldv2_flags_without_ldv2_are_refused(flag, ld):
+    """A flag that changes nothing is an error that says why, even at its default value."""
+    with pytest.raises(common.InputError, match=f"^{flag[0]}: LDv2 options, which --ld {ld} does not use$"):
+        galdv2.build_model(parse(["--ld", ld] + flag))
+    with pytest.raises(common.InputError, match="--ld-kernel, --key-input: LDv2 options"):
+        galdv2.build_model(parse(["--ld", ld, "--key-input", "global", "--ld-kernel", "3"]))

@@ -296,3 +296,24 @@ def test_best_pt_holds_the_weights_and_flags_only(tmp_path):
     best, last = (torch.load(out / f, weights_only=True) for f in ("best.pt", "last.pt"))
     assert set(best) == {"model", "iteration", "best_miou", "args"}
     assert {"optimizer", "scaler", "rng_cpu"} <= set(last)
+
+
+def test_finetune_starts_the_layers_a_pretrained_model_never_had_fresh(tmp_path, capsys):
+    """HMSA Sec. 5.1.1: pre-trained without attention (--ms-mode average), then trained with it: the
+    attention head is missing from the file; without --finetune that is an error, with it those
+    layers start fresh, are listed, and every other weight is the file's."""
+    argv = TINY[:]
+    argv[argv.index("fcn")] = "hier_ms_attn"
+    argv[argv.index("--head-channels") + 1] = "8"
+    plain, _ = train.main(argv + ["--iters", "1", "--ms-mode", "average", "--out", str(tmp_path / "pre")])
+    start = argv + ["--iters", "1", "--lr", "0", "--checkpoint", str(tmp_path / "pre" / "best.pt"), "--out", str(tmp_path / "o")]
+    with pytest.raises(common.InputError, match=r"missing keys \(attn_head"):
+        train.main(start)
+    capsys.readouterr()
+    attention, _ = train.main(start + ["--finetune"])
+    fresh = capsys.readouterr().out.split("--finetune: ")[1].splitlines()[0]
+    assert "attn_head" in fresh and "backbone" not in fresh
+    pre = plain.state_dict()
+    for name, value in attention.state_dict().items():
+        if name in pre and "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, pre[name]), name                     # lr 0: the file's weights
