@@ -652,14 +652,15 @@ def benchmark(args):
 
 def against_paper(args, argv):
     """--benchmark --against-paper: every row of the method's PAPER_COSTS (a method file's table of
-    its paper's costs) benchmarked with the row's flags after the command line's; one table."""
+    its paper's costs) benchmarked with the table's flags, then the command line's (which may
+    override them: --amp, a smaller --backbone), then the row's own; one table."""
     module = sys.modules[METHODS[args.method][1].__module__]
     paper = getattr(module, "PAPER_COSTS", None)
     if paper is None:
         raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper (PAPER_COSTS)")
     results = []
     for label, flags, _ in paper["rows"]:
-        row_args = parse_args([a for a in argv if a != "--against-paper"] + paper["flags"] + flags)
+        row_args = parse_args(paper["flags"] + [a for a in argv if a != "--against-paper"] + flags)
         print(f"== {label}: {' '.join(paper['flags'] + flags)}", flush=True)
         results.append(benchmark(row_args)[1])
     table = costs.against_paper_table(paper, results)

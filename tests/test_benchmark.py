@@ -199,19 +199,20 @@ def test_compare_methods_rejects_method_flags_and_unknown_methods(tmp_path):
 
 def test_against_paper_puts_each_row_beside_the_paper_with_the_right_ratios(monkeypatch, capsys):
     """A cost table of three FCN rows (head widths 8, 16, 32): parameters read as absolute, GFLOPs
-    relative to the first row, peak memory added over it; each cell against the rows' own figures."""
+    relative to the first row, peak memory added over it (the paper's figure is the addition, as
+    printed); each cell against the rows' own figures."""
     paper = dict(title="Table X", flags=["--crop-size", "32"],
                  quantities={"params (M)": ("params_total", "absolute"), "GFLOPs": ("gflops_forward", "relative"),
                              "memory (MiB)": ("forward_peak_mib", "added")},
                  rows=[("narrow", ["--head-channels", "8"], {"params (M)": 10.0, "GFLOPs": 2.0, "memory (MiB)": 100}),
                        ("mid", ["--head-channels", "16"], {"params (M)": 12.0, "GFLOPs": 3.0}),
-                       ("wide", ["--head-channels", "32"], {"params (M)": 20.0, "GFLOPs": 4.0, "memory (MiB)": 150})])
+                       ("wide", ["--head-channels", "32"], {"params (M)": 20.0, "GFLOPs": 4.0, "memory (MiB)": 50})])
     monkeypatch.setattr(common, "PAPER_COSTS", paper, raising=False)
     _, report = train.main(BENCH + ["--against-paper"])
     rows = report["rows"]
     assert [r["params_head"] > 0 for r in rows] == [True] * 3 and rows[0]["params_total"] < rows[2]["params_total"]
     cells = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in report["table"].splitlines()[4:]}
-    fmt = lambda v: f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    fmt = lambda v: f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
     ours = rows[2]["params_total"] / 1e6
     assert cells[("| wide", "params (M)")] == [fmt(20.0), fmt(ours), fmt(ours / 20.0) + " |"]
     relative = rows[1]["gflops_forward"] / rows[0]["gflops_forward"]

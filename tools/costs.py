@@ -259,8 +259,8 @@ def benchmark_table(r):
 #                        quantities={"params (M)": ("params_total", "absolute"), ...},
 #                        rows=[("FCN", [...flags of the row...], {"params (M)": 47.5, ...}), ...])
 # A quantity is one of benchmark()'s figures, read as "absolute" (ours / paper), "relative" (each
-# row divided by the first row, ours and the paper's: times on other hardware) or "added" (each
-# row minus the first row: the cost a module adds).
+# row divided by the first row, ours and the paper's: times on other hardware) or "added" (ours:
+# each row minus the first row; the paper's as printed, e.g. "+0.4M": the cost a module adds).
 
 
 def figure(r, key):
@@ -271,20 +271,21 @@ def figure(r, key):
 
 def against_paper_table(costs, results):
     """The paper's cost table with ours beside it: one Markdown row per (row, quantity)."""
-    fmt = lambda v: "-" if v is None else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
     first_label, _, first_paper = costs["rows"][0]
     lines = [f"{costs['title']}", "", "| row | quantity | paper | ours | ours / paper |", "|---|---|---|---|---|"]
     for (label, _, paper), r in zip(costs["rows"], results):
         for name, (key, mode) in costs["quantities"].items():
+            if mode == "added" and r is results[0]:
+                continue                                       # the reference adds nothing to itself
             ours, theirs = figure(r, key), paper.get(name)
             if mode != "absolute":
                 ours_ref, theirs_ref = figure(results[0], key), first_paper.get(name)
                 if mode == "relative":
                     ours = None if ours is None or not ours_ref else ours / ours_ref
                     theirs = None if theirs is None or not theirs_ref else theirs / theirs_ref
-                else:
+                else:                                          # papers print the addition itself: "+0.4M"
                     ours = None if ours is None or ours_ref is None else ours - ours_ref
-                    theirs = None if theirs is None or theirs_ref is None else theirs - theirs_ref
                 name = f"{name}, {'relative to' if mode == 'relative' else 'added over'} {first_label}"
             ratio = None if ours is None or not theirs else ours / theirs
             lines.append(f"| {label} | {name} | {fmt(theirs)} | {fmt(ours)} | {fmt(ratio)} |")
