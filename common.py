@@ -549,8 +549,8 @@ class FCN(SegModel):
 
 def add_fcn_args(parser):
     group = parser.add_argument_group("fcn (baseline)")
-    group.add_argument("--head-channels", type=int, default=512, help="width of the 3x3 head conv")
-    group.add_argument("--aux-weight", type=float, default=0.4, help="weight of the layer3 aux CE")
+    group.add_argument("--head-channels", type=ranged(int, 1), default=512, help="width of the 3x3 head conv")
+    group.add_argument("--aux-weight", type=ranged(float, 0), default=0.4, help="weight of the layer3 aux CE")
     group.add_argument("--ohem", default=False, action=argparse.BooleanOptionalAction,
                        help="OHEM cross-entropy on the main output")
 

@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss
+from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, ranged
 from galdv1 import GALDHead, LocalDistribution, build_ga
 
 
@@ -260,11 +260,11 @@ def add_args(parser):
                        help="LDv2 output into the head: eq3 = X_gald into Eq. (3)'s concat with layer4 "
                             "(default); local-first = concat(X_gald, X_l) before it (Fig. 5 b)")
     # NOTE(paper-gap): k=5, r=3 because the text says so for all datasets, although Table II (b) peaks at r=6
-    group.add_argument("--ld-kernel", type=int, default=None,
+    group.add_argument("--ld-kernel", type=ranged(int, 1), default=None,
                        help="LDv2 local kernel size k, k*k samples (Table II b; default 5)")
-    group.add_argument("--ld-dilation", type=int, default=None,
+    group.add_argument("--ld-dilation", type=ranged(int, 1), default=None,
                        help="LDv2 sampling dilation rate r (Table II b; default 3)")
-    group.add_argument("--ld-key-channels", type=int, default=None,
+    group.add_argument("--ld-key-channels", type=ranged(int, 1), default=None,
                        help="LDv2 query/key width C' (default 64; the paper gives none)")
     group.add_argument("--key-input", default=None, choices=["concat", "global"],
                        help="LDv2 key from concat(X_g, X_l) (default) or from X_g only (Table II c 'Key' row)")
@@ -272,7 +272,7 @@ def add_args(parser):
                        help="LDv2 query from concat(X_g, X_l) (default) or from X_g only (Table II c 'Query' row)")
     group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
                        help="OHEM cross-entropy on the main output (Sec. IV-B)")
-    group.add_argument("--affinity-pixel", type=float, nargs=2, default=None, metavar=("Y", "X"),
+    group.add_argument("--affinity-pixel", type=ranged(float, 0, 1), nargs=2, default=None, metavar=("Y", "X"),
                        help="relative position of the pixel whose LDv2 affinity 'maps' shows (Fig. 9; default 0.5 0.5)")
 
 

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IGNORE_INDEX, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy,
-                    resize, scaled_size)
+                    ranged, resize, scaled_size)
 
 DEFAULT_TRAIN_SCALES = {"hierarchical": (0.5, 1.0), "explicit": (0.5, 1.0, 2.0), "average": (1.0,)}
 CITYSCAPES_SCALE_LOSS_WEIGHT = 0.05        # scripts/train_cityscapes.yml supervised_mscale_loss_wt
@@ -355,17 +355,17 @@ def add_args(parser):
                             "any --eval-scales; explicit = Chen et al. [1], one attention map per scale, "
                             "softmax, trained with all scales; average = single-scale training, logits "
                             "averaged over --eval-scales ('Single Scale' with 1.0, 'AvgPool' with more)")
-    group.add_argument("--train-scales", type=float, nargs="+", default=None,
+    group.add_argument("--train-scales", type=ranged(float, 0, low_open=True), nargs="+", default=None,
                        help="image scales used in training (default: 0.5 1.0 for hierarchical, Sec. 3; "
                             "0.5 1.0 2.0 for explicit, Table 1; average trains at 1.0 and takes none)")
     group.add_argument("--loss", choices=("rmi", "ce"), default="rmi",
                        help="loss on the fused output: rmi = 0.5 sigmoid BCE + 0.5 RMI [42] (Sec. 5.1, "
                             "code settings), ce = plain cross-entropy")
-    group.add_argument("--scale-loss-weight", type=float, default=None,
+    group.add_argument("--scale-loss-weight", type=ranged(float, 0), default=None,
                        help="weight of the loss without RMI (sigmoid BCE; CE with --loss ce) on each "
                             "training scale's own prediction (code recipes' supervised_mscale_loss_wt: "
                             "0.05 for Cityscapes, the default; 0 for Mapillary); not with --ms-mode average")
-    group.add_argument("--head-channels", type=int, default=256,
+    group.add_argument("--head-channels", type=ranged(int, 1), default=256,
                        help="inner width of the semantic and attention heads (Sec. 3.1; 256 in the code)")
 
 
