@@ -936,7 +936,11 @@ def file_dataset(name, root, split, transform=None):
     if root is None or not os.path.isdir(root):
         raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
                          f"described in README.md (Datasets)")
-    classes, layout = DATASETS[name]
+    classes, layout, splits = DATASETS[name]
+    unknown = [part for part in split.split("+") if part not in splits]
+    if unknown:
+        raise InputError(f"{name} has no split {unknown[0]!r}: its splits are {', '.join(splits)} "
+                         f"(join two with '+', e.g. train+val)")
     pairs, lut = [], None
     for part in split.split("+"):                              # 'train+val': both splits as one
         part_pairs, lut = layout(root, part)
@@ -1075,15 +1079,15 @@ MAPILLARY_V12_CLASSES = (
 )
 
 
-# --dataset NAME -> (class names, layout function): the literal table of what can be read.
+# --dataset NAME -> (class names, layout function, split names): the literal table of what can be read.
 DATASETS = {
-    "cityscapes": (CITYSCAPES_CLASSES, cityscapes),
-    "ade20k": (ADE20K_CLASSES, ade20k),
-    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, pascal_context59),
-    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, pascal_context60),
-    "coco_stuff10k": (COCO_STUFF_CLASSES, coco_stuff10k),
-    "coco_stuff164k": (COCO_STUFF_CLASSES, coco_stuff164k),
-    "camvid": (CAMVID_CLASSES, camvid),
-    "mapillary": (MAPILLARY_V12_CLASSES[:65], mapillary),
-    "mapillary_cityscapes19": (CITYSCAPES_CLASSES, mapillary_cityscapes19),
+    "cityscapes": (CITYSCAPES_CLASSES, cityscapes, ("train", "val", "test")),
+    "ade20k": (ADE20K_CLASSES, ade20k, ("train", "val")),
+    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, pascal_context59, ("train", "val")),
+    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, pascal_context60, ("train", "val")),
+    "coco_stuff10k": (COCO_STUFF_CLASSES, coco_stuff10k, ("train", "val")),
+    "coco_stuff164k": (COCO_STUFF_CLASSES, coco_stuff164k, ("train", "val")),
+    "camvid": (CAMVID_CLASSES, camvid, ("train", "val", "test")),
+    "mapillary": (MAPILLARY_V12_CLASSES[:65], mapillary, ("train", "val")),
+    "mapillary_cityscapes19": (CITYSCAPES_CLASSES, mapillary_cityscapes19, ("train", "val")),
 }

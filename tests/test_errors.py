@@ -286,3 +286,12 @@ def test_a_killed_run_leaves_no_process_and_resumes_from_an_intact_last_pt(tmp_p
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == last_iteration + 1
     with open(out / "metrics.jsonl") as f:                         # a line cut by a kill is dropped on resume
         assert all(isinstance(json.loads(line), dict) for line in f)
+
+
+def test_an_unknown_split_names_the_splits_and_train_plus_val_joins_two(tmp_path):
+    camvid_tree(tmp_path / "cv")
+    with pytest.raises(common.InputError, match=r"camvid has no split 'tset': its splits are train, val, test"):
+        common.file_dataset("camvid", str(tmp_path / "cv"), "tset")
+    both = common.file_dataset("camvid", str(tmp_path / "cv"), "train+val")
+    parts = [common.file_dataset("camvid", str(tmp_path / "cv"), s).pairs for s in ("train", "val")]
+    assert both.pairs == parts[0] + parts[1] and len(both) == 8

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import train  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -86,3 +87,18 @@ def test_every_flag_the_readme_names_exists():
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme_text()))
     unknown = sorted(named - known_flags() - LAUNCHER_FLAGS)
     assert not unknown, f"the README names flags no parser has: {unknown}"
+
+
+def test_every_split_a_readme_command_names_exists():
+    """--train-split / --val-split of every README command: each part of 'a+b' a split of its dataset."""
+    checked = 0
+    for script, argv in script_commands(readme_text()):
+        for args in concrete(argv):
+            parsed = train.parse_args(SCRIPTS[script] + args)
+            if parsed.dataset == "synthetic":
+                continue
+            splits = common.DATASETS[parsed.dataset][2]
+            for split in (parsed.train_split, parsed.val_split):
+                assert set(split.split("+")) <= set(splits), f"{' '.join(args)}: {split} not in {splits}"
+                checked += 1
+    assert checked > 10
