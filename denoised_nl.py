@@ -1,20 +1,23 @@
 """Denoised NL: a non-local block whose attention map is denoised before it is used.
 
-Paper: "Denoised Non-Local Neural Network for Semantic Segmentation", Q. Song, J. Li, H. Guo, R. Huang
-(../shared/papers/denoised_nl.txt). Official model code: maggiesong7/DenoisedNL (model.py only).
+Paper: "Denoised Non-Local Neural Network for Semantic Segmentation", Q. Song, J. Li, H. Guo, R. Huang,
+IEEE Transactions on Neural Networks and Learning Systems (TNNLS) 2023, arXiv:2110.14200.
+Official model code: github.com/maggiesong7/DenoisedNL, model.py (the model only: no training code);
+"model.py" below means that file.
 
 Idea (Sec. I, III-C). The attention map A of a non-local block is noisy: it attends to pixels of other
 classes (inter-class noise) and has holes inside the attended object (intra-class noise). The Global
 Rectifying (GR) block multiplies A by a class-agreement map P_class = sigmoid(P^T P) built from coarse
 class probabilities P (A' = A * P_class); the Local Retention (LR) block then replaces every weight
 A'[i, j] by a sum over the k x k neighbours j + d of key j, weighted by the local similarity
-S_l[j, d] = sigmoid(q_j . k_{j+d}) (A''). F' = gamma * A'' V + F. The block runs at 1/16 of the image.
+S_l[j, d] = sigmoid(q_j . k_{j+d}) (A''). F' = gamma * A'' V + F (Eq. 3). The block runs at 1/16.
 
 Map from the code to the paper:
     reduction            Sec. III-B, Fig. 3 "Reduction": 3x3 conv, then a Basic Block with stride 2 -> F
     class_agreement      Sec. III-D, Fig. 4(a): P_class = sigmoid(P^T P)
     local_similarity     Sec. III-E, Fig. 4(b): S_l, sigmoid of query . key over a k x k window
-    local_retention      Sec. III-E: A'' from the local windows of A' and S_l
+    local_retention      Sec. III-E, Fig. 4(b): A'' from the local windows of A' and S_l
+    LocalRetention       the autograd Function behind it: forward, and a backward into one buffer
     DenoisedNLBlock      Sec. III-C to III-E, Eqs. (3)-(4): Q, K, V, A, A', A'', F'
     DenoisedNLNet        Sec. III-B (head on concat(X, F', global context)), Sec. III-F (dilated
                          ResNet at 1/8, deep supervision on res2/res3, Eq. (5)); `block` swaps the
@@ -28,66 +31,91 @@ DenoisedNLNet.forward(image) -> dict
                                pixel `map_pixel` (Fig. 11, maps #1-#3), divided by its maximum
                                (A' = A with GR off, A'' = A' with LR off).
 
-Index convention (DECISIONS.md, as the code): A[i, j] is query i attending to key j, softmax over j;
+Where P comes from (`class_map`, Sec. III-D against Table V). Sec. III-D predicts P_coarse "via a 1x1
+convolutional layer" on F, but Eq. (5) supervises only the output and res2/res3: such a conv is never
+supervised, and sigmoid(P^T P) of an unsupervised map has no class meaning. Table V prices the block
+at +7.83 GFLOPs, +0.20 over the plain non-local block's +7.63. At its 1x512x48x48 input (N = 2304,
+K = 19; convolutions and matrix products, 2 FLOPs per multiply-add) the non-local block counts 7.625
+GFLOPs and P^T P adds 2 N^2 K = 0.202: 7.827, the paper's 7.83, with P supplied from outside the
+block. A 1x1 conv 512 -> 19 on F would add 0.045 more (7.87). So the measured model took P from
+outside, as model.py does: the softmax of the supervised layer3 (res3) aux head. class_map='aux' (the
+default) does that: P = softmax of the layer3 aux logits resized to the 1/16 grid; in paper mode that
+head is Sec. III-F's "linear function" (a 1x1 conv), supervised by Eq. (5)'s lambda2 term, so P is
+still predicted "via a 1x1 convolutional layer", on res3 instead of F. GR's gradient reaches that
+head, and it also runs in eval (at 768 x 768: +0.36 GFLOPs for the 1x1 head, +87.2 for follow_code's
+3x3 head, which model.py also runs in eval). class_map='conv' is Sec. III-D's literal reading (a 1x1
+conv on F, with a bias, no loss of its own).
+
+Index convention (as model.py): A[i, j] is query i attending to key j, softmax over j;
 A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], the window runs over the KEY index j, offsets d in
-row-major (dy, dx) order, A' zero outside the key grid.
-Memory: the code unfolds A' into a (B, N, k*k, N) tensor. local_retention computes the same sum as
-k*k shifted copies of A' accumulated in place (no tensor above one padded (B, n, N) map), and the
-queries are processed in chunks of `query_chunk` rows, so a whole 1024x2048 image (N = 8192) fits.
+row-major (oy, ox) order, A' zero outside the key grid.
+Memory and speed: model.py unfolds A' into a (B, N, k*k, N) tensor. LocalRetention computes the same
+sum as k*k shifted multiply-adds into one (B, n, N) output, and its backward accumulates the gradient
+of A' into one buffer of that size (autograd of shifted slices would make one zero-filled padded copy
+per offset). The queries are processed in chunks of `query_chunk` rows, so a whole 1024x2048 image
+(N = 8192) fits.
+
+Backbone: model.py dilates EVERY block of layer3 by 2 and of layer4 by 4 x multi-grid (1, 2, 4), i.e.
+4, 8, 16 (PSPNet's convention, common.py's default dilation style); use --multi-grid 1 2 4.
 
 Eq. (4) as printed divides by a sum over the query index i; the text calls it a softmax over "all
-possible positions" (Eq. 2) and the code normalises over the keys j, as we do (DECISIONS.md).
-Paper gaps (marked NOTE(paper-gap) below): Q, K width 64 and no conv biases (code); P = softmax of
-the 1x1 conv's logits and that conv has a bias; the Reduction's shortcut (code); window k = 3 (code);
-the global context is GAP -> 1x1 conv to 512 channels (paper says GAP + 1x1 conv, not the width);
-head width 512 (code); the Reduction's 3x3 conv and its width C = 512 (code; the paper says "a
-convolution layer"); "res2/res3" of Sec. III-F are the outputs of layer2/layer3 (code; in ResNet's
-own naming res2 would be layer1); "Baseline" (Tables II-V, --block none) keeps the Reduction and the
-head and drops only the block (the paper says only "without any attention strategy"); Table III's
-"+PPM" / "+ASPP" put galdv1.py's PSP (bins 1, 2, 3, 6) / ASPP (rates 6, 12, 18 at stride 16) where
-the block was, F' = PPM(F), as the paper replaces "the Denoised NL with the corresponding module".
-In paper mode no loss supervises P_coarse directly (Eq. (5) has no term for it): its 1x1 conv learns
-only through GR, as a class-like gate on A; follow_code=True takes P from the supervised layer3 head.
-"+NL" (Table IV) here is the paper's own non-local formulation, GR and LR off (Eqs. 3-4, Q/K of 64
-channels and the gamma residual), not Wang et al.'s block with its W_z projection and BN. Table IV's
-other rows (OCNet, CCNet, DANet, DRANet) are other papers' modules and are not implemented.
-Deviations: bilinear resizing uses the project's align_corners=False (code: True); plain PyTorch
-init (code: kaiming_normal_(a=1) on every conv); BN, not SyncBN, unless train.py converts it.
+possible positions" (Eq. 2) and model.py normalises over the keys j, as we do. Paper gaps are marked
+NOTE(paper-gap) at their lines. Also: "res2/res3" of Sec. III-F are the outputs of layer2/layer3
+(model.py; in ResNet's own naming res2 would be layer1); "+NL" (Table IV) here is the paper's own
+non-local formulation, GR and LR off (Eqs. 3-4, Q/K of 64 channels and the gamma residual), not Wang
+et al.'s block with its W_z projection and BN; Table IV's other rows (OCNet, CCNet, DANet, DRANet) are
+other papers' modules and are not implemented.
+Deviations: bilinear resizing uses the project's align_corners=False (model.py: True); plain PyTorch
+init (model.py: kaiming_normal_(a=1) on every conv); BN, not SyncBN, unless train.py converts it.
 
-follow_code=True changes exactly (model.py, where it disagrees with the paper):
-    - P for GR is the softmax of the layer3 aux logits resized to the 1/16 grid (so the layer3 aux
-      head also runs in eval and GR trains it), not a 1x1 conv on F;
+follow_code=True changes exactly these (model.py, where it disagrees with the paper):
     - no global-average-pooling branch: the head sees concat(X, F') only;
     - F' is up-sampled and passed through a 3x3 conv + BN + ReLU before the concat;
-    - Dropout2d(0.05) in the head; aux heads are 3x3 conv (64 / 512 ch) + BN + ReLU + Dropout2d(0.05)
-      + 1x1, not the paper's "linear function" (a 1x1 conv).
+    - Dropout2d(0.05) in the head;
+    - the aux heads are 3x3 conv (64 / 512 ch) + BN + ReLU + Dropout2d(0.05) + 1x1, not the paper's
+      "linear function" (a 1x1 conv); with class_map='aux' GR's P comes from this layer3 head.
+Where P comes from is `class_map`, not follow_code (model.py's choice, 'aux', is the default).
 """
 import argparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from common import BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize, seg_head
 from galdv1 import build_ga
 
 BLOCKS = ("denoised", "psp", "aspp", "none")
+CLASS_MAPS = ("aux", "conv")
 
 
 def reduction(in_channels, channels):
     """Sec. III-B 'Reduction': 3x3 conv to `channels`, then a Basic Block whose first 3x3 conv has
     stride 2 (1/8 -> 1/16) and whose residual connection eases optimisation. Output: F."""
     # NOTE(paper-gap): the first conv is 3x3 to C = 512 and the Basic Block's shortcut is a 3x3 conv
-    # with stride 2 + BN + ReLU (code); the paper says "a convolution layer" and "a Basic Block".
+    # with stride 2 + BN + ReLU because maggiesong7/DenoisedNL model.py does so; the paper says only
+    # "a convolution layer" and "a Basic Block".
     shortcut = conv_bn_relu(channels, channels, 3, stride=2)
     return nn.Sequential(conv_bn_relu(in_channels, channels, 3),
                          BasicBlock(channels, channels, stride=2, downsample=shortcut))
 
 
 def window_offsets(window):
-    """The k*k offsets of a k x k window as (dy, dx) into a tensor padded by k // 2, row-major
-    (the order of nn.Unfold); offset d = (dy - k // 2, dx - k // 2)."""
-    return [(dy, dx) for dy in range(window) for dx in range(window)]
+    """The k*k offsets d = (oy, ox) of a k x k window, row-major (the order of nn.Unfold)."""
+    r = window // 2
+    return [(oy, ox) for oy in range(-r, r + 1) for ox in range(-r, r + 1)]
+
+
+def window_overlaps(size, window):
+    """For each offset d (row-major): d's index, the (rows, cols) slices of the pixels j whose
+    neighbour j + d lies inside the H x W grid, and the slices of those neighbours j + d.
+    Offsets with no such pixel (k // 2 >= H or W) are left out: their terms are all zero padding."""
+    H, W = size
+    for d, (oy, ox) in enumerate(window_offsets(window)):
+        y0, y1, x0, x1 = max(0, -oy), min(H, H - oy), max(0, -ox), min(W, W - ox)
+        if y1 > y0 and x1 > x0:
+            yield d, (slice(y0, y1), slice(x0, x1)), (slice(y0 + oy, y1 + oy), slice(x0 + ox, x1 + ox))
 
 
 def class_agreement(p_rows, p):
@@ -103,44 +131,81 @@ def local_similarity(q, k, window):
     B, _, H, W = q.shape
     r = window // 2
     k = F.pad(k, (r, r, r, r))                                         # (B, C', H+2r, W+2r)
-    sims = [(q * k[:, :, dy:dy + H, dx:dx + W]).sum(1) for dy, dx in window_offsets(window)]
+    sims = [(q * k[:, :, r + oy:r + oy + H, r + ox:r + ox + W]).sum(1) for oy, ox in window_offsets(window)]
     return torch.sigmoid(torch.stack(sims, 1)).flatten(2)              # (B, k*k, N)
 
 
+class LocalRetention(torch.autograd.Function):
+    """Sec. III-E: A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], A' zero outside the key grid.
+    Forward: one multiply-add per offset d on the overlapping part of the grid, into one output.
+    Backward (the same sums transposed):
+        dA'[i, j + d] += dA''[i, j] * S_l[j, d]      one (B, n, H, W) buffer, accumulated in place
+        dS_l[j, d]     = sum_i A'[i, j + d] * dA''[i, j]
+    so no zero-filled padded copy is made per offset, as autograd of shifted slices would."""
+
+    @staticmethod
+    def forward(ctx, a, s_l, size, window):
+        B, n, _ = a.shape
+        H, W = size
+        a4 = a.reshape(B, n, H, W)                                     # each row of A' as an image over keys
+        s4 = s_l.reshape(B, -1, 1, H, W)                               # (B, k*k, 1, H, W)
+        out = torch.zeros_like(a4)                                     # A''  (B, n, H, W)
+        for d, at, nb in window_overlaps(size, window):
+            out[..., at[0], at[1]].addcmul_(a4[..., nb[0], nb[1]], s4[:, d, :, at[0], at[1]])
+        ctx.save_for_backward(a, s_l)
+        ctx.size, ctx.window = size, window
+        return out.flatten(2)                                          # (B, n, N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, s_l = ctx.saved_tensors
+        B, n, _ = a.shape
+        H, W = ctx.size
+        g = grad.reshape(B, n, H, W)                                   # dA''  (B, n, H, W)
+        a4, s4 = a.reshape(B, n, H, W), s_l.reshape(B, -1, 1, H, W)
+        grad_a = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.zeros_like(a4)                              # dA'  (B, n, H, W), one buffer
+            for d, at, nb in window_overlaps(ctx.size, ctx.window):
+                grad_a[..., nb[0], nb[1]].addcmul_(g[..., at[0], at[1]], s4[:, d, :, at[0], at[1]])
+            grad_a = grad_a.flatten(2)
+        if ctx.needs_input_grad[1]:
+            grad_s = torch.zeros_like(s4)                              # dS_l  (B, k*k, 1, H, W)
+            for d, at, nb in window_overlaps(ctx.size, ctx.window):
+                grad_s[:, d, :, at[0], at[1]] = (a4[..., nb[0], nb[1]] * g[..., at[0], at[1]]).sum(1, keepdim=True)
+            grad_s = grad_s.view_as(s_l)
+        return grad_a, grad_s, None, None
+
+
 def local_retention(a, s_l, size, window):
-    """Sec. III-E: A''[i, j] = sum_d A'[i, j + d] * S_l[j, d] for rows a = A'[i0:i0+n] (B, n, N).
-    Each row of A' is an H x W image over the keys; the window is extracted from it (zero padding)
-    and weighted by S_l (B, k*k, N). Same value as unfolding A' into (B, n, k*k, N), computed as
-    k*k shifted copies of A' accumulated in place: no tensor above one padded (B, n, N) map."""
-    B, n, _ = a.shape
-    H, W = size
-    r = window // 2
-    # NOTE(paper-gap): the window runs over the key index j, A' zero outside the grid (code, DECISIONS.md)
-    a = F.pad(a.view(B, n, H, W), (r, r, r, r))                       # (B, n, H+2r, W+2r)
-    s_l = s_l.view(B, -1, 1, H, W)                                     # (B, k*k, 1, H, W)
-    out = None
-    for d, (dy, dx) in enumerate(window_offsets(window)):
-        shifted = a[:, :, dy:dy + H, dx:dx + W]                        # A'[i, j + d]  (B, n, H, W)
-        out = shifted * s_l[:, d] if out is None else out.addcmul_(shifted, s_l[:, d])
-    return out.flatten(2)                                              # (B, n, N)
+    """Sec. III-E: A'' for rows a = A'[i0:i0+n] (B, n, N) and S_l (B, k*k, N) -> (B, n, N).
+    Same value as unfolding A' into (B, n, k*k, N) and summing against S_l (model.py), with no
+    tensor above one (B, n, N) map in the forward or the backward."""
+    # NOTE(paper-gap): the window runs over the key index j and A' is zero outside the grid because
+    # maggiesong7/DenoisedNL model.py unfolds each row A'[i, :] as an image over the keys (padding 1)
+    return LocalRetention.apply(a, s_l, tuple(size), window)
 
 
 class DenoisedNLBlock(nn.Module):
     """Sec. III-C to III-E: non-local attention A (Eq. 4), GR (A' = A * P_class), LR (A''), Eq. (3).
-    With both GR and LR off it is the plain non-local block F' = gamma * softmax(Q K^T) V + F."""
+    With both GR and LR off it is the plain non-local block F' = gamma * softmax(Q K^T) V + F.
+    class_conv: GR's P from the block's own 1x1 conv on F (Sec. III-D's literal reading); False (the
+    default, as model.py and Table V's FLOPs): P from coarse logits passed to forward."""
 
     def __init__(self, channels, num_classes, *, key_channels=64, global_rectifying=True,
-                 local_retention=True, window_size=3, class_conv=True, map_pixel=(0.5, 0.5),
+                 local_retention=True, window_size=3, class_conv=False, map_pixel=(0.5, 0.5),
                  query_chunk=2048):
         super().__init__()
-        # NOTE(paper-gap): k = 3 (code; the paper only says k x k)
+        # NOTE(paper-gap): k = 3 because model.py uses a 3x3 nn.Unfold; the paper only says k x k
         if window_size < 1 or window_size % 2 == 0:
             raise InputError(f"--window-size must be odd and positive, got {window_size}")
-        # NOTE(paper-gap): Q, K have C' = 64 = C/8 channels and no 1x1 conv has a bias (code).
+        # NOTE(paper-gap): Q, K have C' = 64 = C/8 channels and no 1x1 conv has a bias because
+        # model.py builds them so; the paper says only "C' is less than C".
         self.query = nn.Conv2d(channels, key_channels, 1, bias=False)
         self.key = nn.Conv2d(channels, key_channels, 1, bias=False)
         self.value = nn.Conv2d(channels, channels, 1, bias=False)
-        # Sec. III-D: "we first predict the coarse segmentation result P_coarse via a 1x1 conv" on F.
+        # Sec. III-D: "we first predict the coarse segmentation result P_coarse via a 1x1 conv" (on F)
         self.classifier = nn.Conv2d(channels, num_classes, 1) if global_rectifying and class_conv else None
         self.gamma = nn.Parameter(torch.zeros(1))                      # Eq. (3): gamma starts at 0
         self.global_rectifying, self.local_retention = global_rectifying, local_retention
@@ -149,14 +214,15 @@ class DenoisedNLBlock(nn.Module):
     def attention(self, q, k, p, s_l, size, rows):
         """Rows i in `rows` (a slice) of A, A', A'' (each (B, n, N)). q (B, N, C'), k (B, C', N);
         p (B, K, N) class probabilities (GR) or None; s_l (B, k*k, N) (LR) or None."""
-        # NOTE(paper-gap): Eq. (4) normalises over the keys j (code; the printed sum runs over i)
+        # NOTE(paper-gap): Eq. (4) normalises over the keys j because model.py does and the text
+        # calls it a softmax over all positions; the printed sum runs over the queries i
         a = torch.softmax(q[:, rows] @ k, dim=-1)                      # Eq. (4): A, softmax over keys  (B, n, N)
         a_gr = a * class_agreement(p[:, :, rows].transpose(1, 2), p) if p is not None else a  # A' = A * P_class
         a_lr = local_retention(a_gr, s_l, size, self.window_size) if s_l is not None else a_gr  # A''
         return a, a_gr, a_lr
 
     def forward(self, f, coarse_logits=None):
-        """f: F (B, C, H, W); coarse_logits (B, K, h', w') replace the 1x1 conv's P (follow_code).
+        """f: F (B, C, H, W); coarse_logits (B, K, h', w'): GR's P when the block has no 1x1 conv.
         Returns F' (B, C, H, W) and, in eval, the maps of one query pixel (else None)."""
         B, C, H, W = f.shape
         q = self.query(f)                                              # (B, C', H, W)
@@ -164,8 +230,11 @@ class DenoisedNLBlock(nn.Module):
         v = self.value(f).flatten(2).transpose(1, 2)                   # (B, N, C)
         p = s_l = None
         if self.global_rectifying:
-            logits = self.classifier(f) if coarse_logits is None else resize(coarse_logits, (H, W))
-            # NOTE(paper-gap): P = softmax over classes of the coarse logits (code)
+            if self.classifier is None and coarse_logits is None:
+                raise ValueError("DenoisedNLBlock without its 1x1 class conv needs coarse_logits for GR")
+            logits = self.classifier(f) if self.classifier is not None else resize(coarse_logits, (H, W))
+            # NOTE(paper-gap): P = softmax over classes of the coarse logits because model.py does so
+            # (the paper calls P_coarse a segmentation result, not a distribution)
             p = logits.softmax(1).flatten(2)                           # (B, K, N)
         if self.local_retention:
             s_l = local_similarity(q, k, self.window_size)             # (B, k*k, N)
@@ -190,33 +259,44 @@ class DenoisedNLNet(SegModel):
     -> head on concat(X, up(F'), GAP(X) -> 1x1 conv) -> 3x3 conv, BN, ReLU -> 1x1; deep supervision
     of the res2 (layer2) and res3 (layer3) outputs, Eq. (5).
     block: 'denoised' (ours), 'psp' / 'aspp' (Table III: the block replaced by PPM / ASPP, F' = M(F)),
-    'none' (the "Baseline" of Tables II-V, F' = F). output_stride: the backbone's (F is at twice it)."""
+    'none' (the "Baseline" of Tables II-V, F' = F). class_map: GR's P from the supervised layer3 aux
+    head ('aux', model.py and Table V) or from a 1x1 conv on F ('conv', Sec. III-D as printed).
+    output_stride: the backbone's (F is at twice it)."""
 
     def __init__(self, backbone, num_classes, *, channels=512, key_channels=64, block="denoised",
-                 global_rectifying=True, local_retention=True, window_size=3, aux_weights=(1.0, 1.0),
-                 follow_code=False, map_pixel=(0.5, 0.5), query_chunk=2048, output_stride=8):
+                 global_rectifying=True, local_retention=True, window_size=3, class_map="aux",
+                 aux_weights=(1.0, 1.0), follow_code=False, map_pixel=(0.5, 0.5), query_chunk=2048,
+                 output_stride=8):
         super().__init__()
         if block not in BLOCKS:
             raise InputError(f"denoised_nl: block must be one of {BLOCKS}, got {block!r}")
+        if class_map not in CLASS_MAPS:
+            raise InputError(f"denoised_nl: class_map must be one of {CLASS_MAPS}, got {class_map!r}")
         self.backbone = backbone
         _, c2, c3, c4 = backbone.channels
         self.reduction = reduction(c4, channels)
-        self.p_from_aux = follow_code and block == "denoised" and global_rectifying
+        # NOTE(paper-gap): GR's P is the softmax of the supervised layer3 aux head by default because
+        # Table V's +7.83 GFLOPs is the non-local block plus P^T P with P from outside the block (a 1x1
+        # conv on F would make it 7.87) and model.py does so; Sec. III-D's conv on F is class_map='conv'
+        self.p_from_aux = block == "denoised" and global_rectifying and class_map == "aux"
         self.dnl = DenoisedNLBlock(channels, num_classes, key_channels=key_channels,
                                    global_rectifying=global_rectifying, local_retention=local_retention,
-                                   window_size=window_size, class_conv=not follow_code,
+                                   window_size=window_size, class_conv=class_map == "conv",
                                    map_pixel=map_pixel, query_chunk=query_chunk) if block == "denoised" else None
-        # NOTE(paper-gap): Table III's PPM / ASPP at F's stride (2 x output_stride), width C (galdv1.py)
+        # NOTE(paper-gap): Table III's PPM / ASPP run at F's stride (2 x output_stride) and width C
+        # because the paper replaces the Denoised NL, which sits there, "with the corresponding module"
         self.multiscale = build_ga(block, channels, channels, 2 * output_stride) if block in ("psp", "aspp") else None
-        # NOTE(paper-gap): the "Baseline" (no attention) keeps the Reduction and the head, F' = F
-        # NOTE(paper-gap): head width 512 (code)
+        # NOTE(paper-gap): the "Baseline" keeps the Reduction and the head, F' = F, because the paper
+        # says only "without any attention strategy"
+        # NOTE(paper-gap): head width 512 because model.py uses it; the paper gives no width
         if follow_code:
-            self.post = conv_bn_relu(channels, channels, 3)            # code: 3x3 conv on up(F')
+            self.post = conv_bn_relu(channels, channels, 3)            # model.py: 3x3 conv on up(F')
             self.head = seg_head(c4 + channels, 512, num_classes, dropout=0.05)
             self.aux2 = seg_head(c2, 64, num_classes, dropout=0.05)
             self.aux3 = seg_head(c3, 512, num_classes, dropout=0.05)
         else:
-            # NOTE(paper-gap): the global context is GAP(X) -> 1x1 conv to `channels` (width not given)
+            # NOTE(paper-gap): the global context is GAP(X) -> 1x1 conv to `channels` because the
+            # paper says "global average pooling followed with a 1x1 convolution" but gives no width
             self.context = nn.Conv2d(c4, channels, 1)
             self.head = seg_head(c4 + 2 * channels, 512, num_classes, dropout=0.0)  # 3x3, BN, ReLU, 1x1
             self.aux2 = nn.Conv2d(c2, num_classes, 1)                  # Sec. III-F: "a linear function"
@@ -256,34 +336,58 @@ class DenoisedNLNet(SegModel):
 
 
 def add_args(parser):
+    # Flags that only matter with the block on default to None here, so that build_model can tell a
+    # flag given on the command line (and rejected where it would change nothing) from a default.
     group = parser.add_argument_group("denoised_nl: Denoised Non-Local Network (Song et al.)")
     onoff = argparse.BooleanOptionalAction
     group.add_argument("--block", choices=BLOCKS, default="denoised",
                        help="the context block on F: the Denoised NL (ours); psp / aspp, Table III's "
                             "'+PPM' / '+ASPP' (galdv1.py's modules); none, the 'Baseline' of Tables "
                             "II-V (no attention strategy: F' = F)")
-    group.add_argument("--global-rectifying", action=onoff, default=True,
-                       help="Global Rectifying block, A' = A * sigmoid(P^T P) (Sec. III-D, Table II 'GR')")
-    group.add_argument("--local-retention", action=onoff, default=True,
-                       help="Local Retention block, A'' from k x k windows of A' (Sec. III-E, Table II 'LR'); "
-                            "with GR and LR off the block is the paper's own non-local formulation "
-                            "(Eqs. 3-4; our '+NL' of Table IV)")
-    group.add_argument("--window-size", type=int, default=3,
-                       help="k of the k x k local window of Local Retention (Sec. III-E; 3 in the code)")
+    group.add_argument("--global-rectifying", action=onoff, default=None,
+                       help="Global Rectifying block, A' = A * sigmoid(P^T P) (Sec. III-D, Table II 'GR'; "
+                            "on by default)")
+    group.add_argument("--local-retention", action=onoff, default=None,
+                       help="Local Retention block, A'' from k x k windows of A' (Sec. III-E, Table II 'LR'; "
+                            "on by default); with GR and LR off the block is the paper's own non-local "
+                            "formulation (Eqs. 3-4; our '+NL' of Table IV)")
+    group.add_argument("--class-map", choices=CLASS_MAPS, default=None,
+                       help="where GR's class probabilities P come from: aux (default), the softmax of the "
+                            "supervised layer3 (res3) aux head, as the official model.py and as Table V's "
+                            "+7.83 GFLOPs imply; conv, a 1x1 conv on F (Sec. III-D as printed), which no "
+                            "loss supervises")
+    group.add_argument("--window-size", type=int, default=None,
+                       help="k of the k x k local window of Local Retention (Sec. III-E; default 3, as the code)")
     group.add_argument("--aux-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("L1", "L2"),
                        help="lambda1, lambda2 of Eq. (5): CE weights of the res2 (layer2) and res3 (layer3) outputs")
-    group.add_argument("--map-pixel", type=float, nargs=2, default=(0.5, 0.5), metavar=("Y", "X"),
-                       help="query pixel (relative position in [0, 1]) whose attention maps A, A', A'' "
-                            "are returned as 'maps' (Fig. 11)")
+    group.add_argument("--map-pixel", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                       help="query pixel (relative position in [0, 1], default 0.5 0.5) whose attention "
+                            "maps A, A', A'' are returned as 'maps' (Fig. 11)")
     group.add_argument("--follow-code", action=onoff, default=False,
-                       help="the official model.py where it differs from the paper: GR's P from the "
-                            "layer3 aux logits, no GAP branch, 3x3 conv after up(F'), dropout 0.05, "
-                            "3x3-conv aux heads")
+                       help="the official model.py where it differs from the paper: no GAP branch, 3x3 "
+                            "conv after up(F'), dropout 0.05, 3x3-conv aux heads (P's source is --class-map)")
+
+
+def given_or(value, default):
+    """A flag's value, or its default when it was not given (None)."""
+    return default if value is None else value
 
 
 def build_model(args):
+    # A flag of the block that would change nothing is an error, not silently ignored.
+    given = [flag for flag, value in (("--[no-]global-rectifying", args.global_rectifying),
+             ("--[no-]local-retention", args.local_retention), ("--class-map", args.class_map),
+             ("--window-size", args.window_size), ("--map-pixel", args.map_pixel)) if value is not None]
+    if args.block != "denoised" and given:
+        raise InputError(f"denoised_nl: {', '.join(given)} would change nothing: --block {args.block} "
+                         f"has no Denoised NL")
+    for flag, value, part, off in (("--class-map", args.class_map, args.global_rectifying, "--no-global-rectifying"),
+                                   ("--window-size", args.window_size, args.local_retention, "--no-local-retention")):
+        if value is not None and part is False:
+            raise InputError(f"denoised_nl: {flag} would change nothing with {off}")
     return DenoisedNLNet(build_backbone(args), args.num_classes, block=args.block,
-                         global_rectifying=args.global_rectifying, local_retention=args.local_retention,
-                         window_size=args.window_size, aux_weights=tuple(args.aux_weights),
-                         follow_code=args.follow_code, map_pixel=tuple(args.map_pixel),
-                         output_stride=args.output_stride)
+                         global_rectifying=given_or(args.global_rectifying, True),
+                         local_retention=given_or(args.local_retention, True),
+                         window_size=given_or(args.window_size, 3), class_map=given_or(args.class_map, "aux"),
+                         aux_weights=tuple(args.aux_weights), follow_code=args.follow_code,
+                         map_pixel=tuple(given_or(args.map_pixel, (0.5, 0.5))), output_stride=args.output_stride)

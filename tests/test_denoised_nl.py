@@ -1,7 +1,9 @@
 """Math tests of denoised_nl.py: the memory-light A'' equals the authors' unfold formulation (values
-and gradients), GR/LR off is the plain non-local block, gamma = 0 is the identity, P_class is
-symmetric, no (B, N, k*k, N) tensor is ever built, maps and deep-supervision wiring, odd sizes."""
-import math
+and gradients, gradcheck of its backward), GR/LR off is the plain non-local block, P_class is
+symmetric, no (B, N, k*k, N) tensor is ever built and the backward accumulates into one buffer,
+GR's class map comes from the supervised layer3 head by default (Table V's FLOPs), maps and
+deep-supervision wiring, flags that would change nothing, odd sizes."""
+import argparse
 import os
 import sys
 
@@ -9,12 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import denoised_nl  # noqa: E402
 import galdv1  # noqa: E402
-from denoised_nl import (DenoisedNLBlock, DenoisedNLNet, class_agreement, local_retention,  # noqa: E402
-                         local_similarity)
+import train  # noqa: E402
+from denoised_nl import (DenoisedNLBlock, DenoisedNLNet, LocalRetention, class_agreement,  # noqa: E402
+                         local_retention, local_similarity)
 
 
 D = {"dtype": torch.float64}   # the math tests compare in float64; the model tests run in float32
@@ -61,6 +66,10 @@ def grads(tensors):
     return [t.grad.clone() for t in tensors]
 
 
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
 # ----------------------------------------------------------------------------------------------
 # Local Retention and Global Rectifying
 
@@ -78,9 +87,54 @@ def test_local_retention_matches_unfold(window, size, rows):
     a.grad = s.grad = None
     ref = unfold_retention(a, s, size, window)
     (ref * g).sum().backward()
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(ga, a.grad)
-    torch.testing.assert_close(gs, s.grad)
+    assert max_diff(ours, ref) < 1e-10                                 # float64: equal up to rounding
+    assert max_diff(ga, a.grad) < 1e-10 and max_diff(gs, s.grad) < 1e-10
+
+
+@pytest.mark.parametrize("window,size", [(3, (4, 5)), (5, (3, 4)), (7, (2, 3))])   # 7 > 2H: empty offsets
+def test_local_retention_gradcheck(window, size):
+    """The hand-written backward of LocalRetention against finite differences (float64)."""
+    torch.manual_seed(10)
+    N = size[0] * size[1]
+    a = torch.rand(2, 3, N, requires_grad=True, **D)                  # 3 query rows of A'
+    s = torch.rand(2, window ** 2, N, requires_grad=True, **D)
+    assert torch.autograd.gradcheck(lambda a, s: LocalRetention.apply(a, s, size, window), (a, s))
+
+
+class NewStorages(TorchDispatchMode):
+    """Counts the storages of at least `nbytes` that ops create (views and in-place ops make none)."""
+
+    def __init__(self, nbytes):
+        super().__init__()
+        self.nbytes, self.count = nbytes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.count += t.untyped_storage().nbytes() >= self.nbytes
+        return out
+
+
+def test_local_retention_makes_one_map_forward_and_backward():
+    """Forward: one (B, n, N) output, no padded copy of A'. Backward: dA' accumulated in one buffer
+    (plus the product that dS_l sums at the central offset), not a zero-filled padded gradient per
+    offset of the window as autograd of k*k shifted slices makes (k*k = 9 of them here)."""
+    torch.manual_seed(11)
+    B, n, size = 2, 12, (7, 9)                                        # n > k*k: S_l is smaller than a map
+    N = size[0] * size[1]
+    a = torch.rand(B, n, N, requires_grad=True, **D)
+    s = torch.rand(B, 9, N, requires_grad=True, **D)
+    one_map = B * n * N * 8                                            # bytes of one float64 (B, n, N) map
+    with NewStorages(one_map) as forward:
+        out = local_retention(a, s, size, 3)
+    g = torch.randn_like(out)
+    with NewStorages(one_map) as backward:
+        out.backward(g)
+    assert forward.count == 1, f"{forward.count} map-sized tensors in the forward"
+    assert backward.count <= 2, f"{backward.count} map-sized tensors in the backward"
 
 
 def test_local_retention_index_convention():
@@ -129,31 +183,35 @@ def test_class_agreement_symmetric_and_bounded():
 # The block
 
 
-@pytest.mark.parametrize("window,chunk", [(3, 2048), (3, 7), (5, 4)])
-def test_block_matches_unfold_reference(window, chunk):
-    block = make_block(window_size=window, query_chunk=chunk).train()
+@pytest.mark.parametrize("window,chunk,class_conv", [(3, 2048, False), (3, 7, False), (5, 4, False), (3, 7, True)])
+def test_block_matches_unfold_reference(window, chunk, class_conv):
+    """Default: GR's P from given (B, K, h', w') logits resized to the block's grid (their gradient
+    checked too); class_conv=True: from the block's own 1x1 conv on F."""
+    block = make_block(window_size=window, query_chunk=chunk, class_conv=class_conv).train()
+    assert (block.classifier is not None) == class_conv
     f = torch.randn(2, 8, 5, 7, requires_grad=True, **D)
-    params = [f] + list(block.parameters())
-    out, _ = block(f)
+    logits = None if class_conv else torch.randn(2, 4, 9, 13, requires_grad=True, **D)
+    inputs = [f] + ([] if class_conv else [logits])
+    params = inputs + list(block.parameters())
+    out, _ = block(f, logits)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     ours = grads(params)
     for t in params:
         t.grad = None
-    ref = unfold_block(block, f)
+    ref = unfold_block(block, f, logits)
     (ref * g).sum().backward()
-    torch.testing.assert_close(out, ref)
-    for name, a, b in zip(["f"] + [n for n, _ in block.named_parameters()], ours, grads(params)):
-        torch.testing.assert_close(a, b, msg=lambda m: f"gradient of {name}: {m}")
+    assert max_diff(out, ref) < 1e-10
+    names = ["f", "logits"][:len(inputs)] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, ours, grads(params)):
+        assert max_diff(a, b) < 1e-10, f"gradient of {name}"
         assert b.abs().sum() > 0, f"{name} gets no gradient"
 
 
-def test_block_with_coarse_logits_matches_reference():
-    """follow_code's GR: P from given (B, K, h', w') logits resized to the block's grid."""
-    block = make_block(class_conv=False).eval()
-    f, logits = torch.randn(1, 8, 5, 7, **D), torch.randn(1, 4, 9, 13, **D)
-    assert block.classifier is None
-    torch.testing.assert_close(block(f, logits)[0], unfold_block(block, f, logits))
+def test_block_without_class_conv_needs_coarse_logits():
+    block = make_block()
+    with pytest.raises(ValueError):
+        block(torch.randn(1, 8, 3, 3, **D))
 
 
 def test_without_gr_and_lr_is_the_non_local_block():
@@ -192,24 +250,24 @@ def test_no_tensor_larger_than_a_padded_attention_map():
     block = make_block(window_size=3).train()
     B, H, W = 2, 9, 11
     N = H * W
-    f = torch.randn(B, 8, H, W, requires_grad=True, **D)
+    f, logits = torch.randn(B, 8, H, W, requires_grad=True, **D), torch.randn(B, 4, H, W, **D)
     with LargestTensor() as ours:
-        block(f)[0].sum().backward()
+        block(f, logits)[0].sum().backward()
     with LargestTensor() as ref:
-        unfold_block(block, f).sum().backward()
+        unfold_block(block, f, logits).sum().backward()
     assert ours.numel <= B * N * (H + 2) * (W + 2)                     # one zero-padded (B, N, N) map
     assert ref.numel >= B * N * 9 * N                                  # the check can fail
 
 
 def test_maps_are_the_rows_of_the_chosen_pixel():
     block = make_block(map_pixel=(1.0, 0.0)).eval()                    # bottom-left pixel
-    f = torch.randn(1, 8, 5, 7, **D)
-    _, maps = block(f)
+    f, logits = torch.randn(1, 8, 5, 7, **D), torch.randn(1, 4, 5, 7, **D)
+    _, maps = block(f, logits)
     assert list(maps) == ["map1_A", "map2_A_gr", "map3_A_lr"]
     i = 4 * 7 + 0
     q, k = block.query(f).flatten(2), block.key(f).flatten(2)
     a = torch.softmax(q[0, :, i] @ k[0], -1)                           # row i of A
-    p = block.classifier(f).softmax(1).flatten(2)[0]
+    p = logits.softmax(1).flatten(2)[0]
     a_gr = a * torch.sigmoid(p[:, i] @ p)                              # row i of A'
     torch.testing.assert_close(maps["map1_A"].flatten(), (a / a.max()).float())   # maps are float32
     torch.testing.assert_close(maps["map2_A_gr"].flatten(), (a_gr / a_gr.max()).float())
@@ -228,13 +286,18 @@ def backbone():
 
 
 def test_model_odd_size_loss_and_gr_wiring(backbone):
-    """Eq. (5) with lambda1 = lambda2 = 1; in the paper GR's P comes from a 1x1 conv on F, so the
-    layer3 aux head is a pure side output; with follow_code GR's P comes from it (and it runs in eval)."""
+    """Eq. (5) with lambda1 = lambda2 = 1. By default (class_map='aux', in both modes) GR's P is the
+    softmax of the supervised layer3 aux head, so the principal loss trains that head too and it runs
+    in eval; with class_map='conv' P comes from a 1x1 conv on F and the head is a pure side output."""
     torch.manual_seed(7)
     image, target = torch.randn(1, 3, 33, 47), torch.randint(0, 5, (1, 33, 47))
     target[0, :4] = common.IGNORE_INDEX
-    for follow_code in (False, True):
-        model = DenoisedNLNet(backbone, 5, follow_code=follow_code).train()
+    assert DenoisedNLNet(backbone, 5).p_from_aux                       # the default
+    for follow_code, class_map in ((False, "aux"), (False, "conv"), (True, "aux"), (True, "conv")):
+        model = DenoisedNLNet(backbone, 5, follow_code=follow_code, class_map=class_map).train()
+        assert (model.dnl.classifier is None) == (class_map == "aux")
+        seen = []
+        model.aux3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         with torch.no_grad():
             model.dnl.gamma.fill_(0.5)
         out = model(image)
@@ -245,10 +308,12 @@ def test_model_odd_size_loss_and_gr_wiring(backbone):
         model.zero_grad()
         losses["main"].backward()                                      # the principal loss alone
         aux3_grad = sum(p.grad.abs().sum() for p in model.aux3.parameters() if p.grad is not None)
-        assert (aux3_grad > 0) == follow_code
+        assert (aux3_grad > 0) == (class_map == "aux")
         model.eval()
+        seen.clear()
         with torch.no_grad():
             out = model(image)
+        assert len(seen) == (class_map == "aux")                       # the layer3 head runs in eval for GR
         assert set(out) == {"out", "maps"} and out["out"].shape == (1, 5, 33, 47)
         assert all(m.shape == (1, 1, 3, 3) for m in out["maps"].values())  # 33x47 -> 1/16 grid 3x3
 
@@ -258,8 +323,8 @@ def test_every_parameter_learns_and_every_branch_reaches_the_output(backbone):
     and the output depends on F' (through gamma) and, in paper mode, on the GAP branch."""
     torch.manual_seed(8)
     image, target = torch.randn(2, 3, 33, 47), torch.randint(0, 5, (2, 33, 47))
-    for follow_code in (False, True):
-        model = DenoisedNLNet(backbone, 5, follow_code=follow_code).train()
+    for follow_code, class_map in ((False, "aux"), (True, "aux"), (False, "conv")):
+        model = DenoisedNLNet(backbone, 5, follow_code=follow_code, class_map=class_map).train()
         with torch.no_grad():
             model.dnl.gamma.fill_(0.5)
         model.zero_grad()
@@ -307,3 +372,52 @@ def test_baseline_without_attention(backbone):
 def test_window_size_must_be_odd():
     with pytest.raises(common.InputError):
         DenoisedNLBlock(8, 4, window_size=4)
+
+
+def block_gflops(class_map):
+    """GFLOPs of the model's Denoised NL block at Table V's input (1 x 3 x 768 x 768 -> F of
+    1 x 512 x 48 x 48, layer3 logits at 96 x 96, 19 classes), counted on meta tensors."""
+    with torch.device("meta"):
+        model = DenoisedNLNet(common.ResNet(18, 8), 19, **({} if class_map is None else {"class_map": class_map}))
+        f, logits = torch.empty(1, 512, 48, 48), torch.empty(1, 19, 96, 96)
+        with FlopCounterMode(display=False) as counter:
+            model.dnl.train()(f, logits if model.p_from_aux else None)
+    return counter.get_total_flops() / 1e9
+
+
+def test_default_class_map_gives_table5_flops():
+    """Table V: +NL 7.63, +Denoised NL 7.83 GFLOPs. The non-local block plus P^T P with P supplied
+    from outside (the layer3 aux head, the default) is 7.83; a 1x1 conv on F would make it 7.87."""
+    N, K = 48 * 48, 19
+    nl = 2 * N * 512 * (64 + 64 + 512) + 2 * N * N * (64 + 512)        # Q, K, V convs; Q K^T; A'' V
+    assert block_gflops(None) == pytest.approx((nl + 2 * N * N * K) / 1e9, abs=1e-9)   # + P^T P
+    assert round(block_gflops(None), 2) == 7.83 and round(nl / 1e9, 2) == 7.63
+    assert round(block_gflops("conv"), 2) == 7.87                      # + the 1x1 conv 512 -> 19 on F
+
+
+def parse(flags):
+    parser = argparse.ArgumentParser()
+    denoised_nl.add_args(parser)
+    return parser.parse_args(flags)
+
+
+@pytest.mark.parametrize("flags", [["--class-map", "conv", "--no-global-rectifying"],
+                                   ["--class-map", "aux", "--block", "none"],
+                                   ["--window-size", "5", "--no-local-retention"],
+                                   ["--no-global-rectifying", "--block", "psp"],
+                                   ["--map-pixel", "0", "0", "--block", "aspp"]])
+def test_flags_that_change_nothing_are_rejected(flags):
+    with pytest.raises(common.InputError, match="would change nothing"):
+        denoised_nl.build_model(parse(flags))
+
+
+def test_build_model_defaults():
+    """Through the command line: GR's P from the layer3 aux head, --follow-code leaves it alone."""
+    for flags, class_conv in (([], False), (["--follow-code"], False), (["--class-map", "conv"], True),
+                              (["--follow-code", "--class-map", "conv"], True)):
+        args = train.parse_args(["--method", "denoised_nl", "--backbone", "resnet18"] + flags)
+        args.num_classes = 5
+        model = denoised_nl.build_model(args)
+        assert (model.dnl.classifier is not None) == class_conv and model.p_from_aux == (not class_conv)
+        assert model.follow_code == ("--follow-code" in flags)
+        assert (model.dnl.window_size, model.dnl.map_pixel) == (3, (0.5, 0.5))
