@@ -83,7 +83,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from common import BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, resize, seg_head
+from common import (BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, ranged, resize,
+                    seg_head)
 from galdv1 import build_ga
 
 BLOCKS = ("denoised", "psp", "aspp", "none")
@@ -335,6 +336,20 @@ class DenoisedNLNet(SegModel):
         return {"main": main, "aux_layer2": l2, "aux_layer3": l3, "total": total}
 
 
+# Table V (the cost the module adds over the baseline network, 768 x 768, ResNet-101) for --benchmark
+# --against-paper. Ours: the evaluation forward's GFLOPs (GR's layer3 head included, 0.36) and the
+# training step's peak of live tensors (MiB; the paper's MB and way of measuring are not stated).
+PAPER_COSTS = dict(
+    title="Denoised NL Table V: FLOPs and memory added over the baseline, 1 x 3 x 768 x 768, ResNet-101",
+    flags=["--backbone", "resnet101", "--stem", "deep", "--multi-grid", "1", "2", "4", "--crop-size", "768",
+           "--batch-size", "1"],
+    quantities={"GFLOPs": ("gflops_forward", "added"), "memory": ("train_step_peak_mib", "added"),
+                "params (M)": ("params_total", "added")},
+    rows=[("baseline (--block none)", ["--block", "none"], {}),
+          ("+ NL", ["--no-global-rectifying", "--no-local-retention"], {"GFLOPs": 7.63, "memory": 407}),
+          ("+ Denoised NL", [], {"GFLOPs": 7.83, "memory": 428})])
+
+
 def add_args(parser):
     # Flags that only matter with the block on default to None here, so that build_model can tell a
     # flag given on the command line (and rejected where it would change nothing) from a default.
@@ -356,11 +371,11 @@ def add_args(parser):
                             "supervised layer3 (res3) aux head, as the official model.py and as Table V's "
                             "+7.83 GFLOPs imply; conv, a 1x1 conv on F (Sec. III-D as printed), which no "
                             "loss supervises")
-    group.add_argument("--window-size", type=int, default=None,
+    group.add_argument("--window-size", type=ranged(int, 1), default=None,
                        help="k of the k x k local window of Local Retention (Sec. III-E; default 3, as the code)")
-    group.add_argument("--aux-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("L1", "L2"),
+    group.add_argument("--aux-weights", type=ranged(float, 0), nargs=2, default=(1.0, 1.0), metavar=("L1", "L2"),
                        help="lambda1, lambda2 of Eq. (5): CE weights of the res2 (layer2) and res3 (layer3) outputs")
-    group.add_argument("--map-pixel", type=float, nargs=2, default=None, metavar=("Y", "X"),
+    group.add_argument("--map-pixel", type=ranged(float, 0, 1), nargs=2, default=None, metavar=("Y", "X"),
                        help="query pixel (relative position in [0, 1], default 0.5 0.5) whose attention "
                             "maps A, A', A'' are returned as 'maps' (Fig. 11)")
     group.add_argument("--follow-code", action=onoff, default=False,
