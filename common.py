@@ -10,8 +10,9 @@ policy: bilinear, align_corners=False), `poly_lr`.
 
 The method interface (README "The interface"): a method file has `add_args(parser)` and
 `build_model(args)`; the model is a `SegModel` with
-    forward(image)              -> dict: 'out' (B, K, H, W) logits at the image's size, plus
-                                   whatever else the method makes ('aux', 'maps', ...)
+    forward(image)              -> dict: 'out' (B, K, H, W) logits at the image's size (in eval;
+                                   in training only if a loss reads it), plus whatever else the
+                                   method makes ('aux', 'maps', ...)
     loss(outputs, target)       -> dict of named scalar terms and 'total'
     predict(image, scales, flip)-> (B, K, H, W) logits; the default averages views, a method with
                                    its own multi-scale chain (HMSA) overrides it.

@@ -1,7 +1,8 @@
 """Specialize and Fuse: Pyramidal Output Representation for Semantic Segmentation.
 
-Hsiao, Sun, Chen, Sun, ICCV 2021. No official code has been released: this file is our reference
-reconstruction from Secs. 3-5 of the paper, with the gaps filled as `notes/DECISIONS.md` says.
+C.-W. Hsiao, C. Sun, H.-T. Chen, M. Sun, ICCV 2021, arXiv:2108.01866. No official code has been
+released: this file is our reference reconstruction from Secs. 3-5 of the paper; every gap it fills is
+marked NOTE(paper-gap) at its line, with the reason.
 
 Idea. Besides the usual per-pixel output, predict two pyramids of L levels (cells of 32, 16, 8, 4
 pixels): a unity pyramid (is every pixel of this cell one class?) and a semantic pyramid (the class
@@ -28,24 +29,27 @@ Backbone: HRNet (HRNet48 rows of Tables 1-5, HRNet32 ablations of Tables 6-9) is
 we build the ResNet101 of Sec. 5.1.2 (the ResNet101 rows of Tables 1-4) and run the ablations on it.
 
 forward(image) returns a dict ((H', W') the working size of Sec. 3.1, levels coarsest first)
-    'out'      (B, K, H, W) logits: the Eq. (2) fusion (or the finest level), in training mode too
     'semantic' list of (B, K, H'/s, W'/s) logits per level (the single output: the finest only)
     'unity'    list of (B, H'/s, W'/s) unity logits of the L-1 coarser levels (pyramidal only)
-    'level'    (B, H, W) int64, the level each pixel was taken from, 0 = coarsest (eval mode, pyramidal)
+    eval mode only (Eq. (1) reads the pyramids alone, so training builds none of these):
+    'out'      (B, K, H, W) logits: the Eq. (2) fusion (or the finest level), resized bilinearly
+    'level'    (B, H, W) int64, the level each pixel was taken from, 0 = coarsest (pyramidal)
     'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w) unity probabilities at
-               the finest level} (Fig. 1; eval mode, pyramidal)
+               the finest level} (Fig. 1; pyramidal)
 
-Where the paper is silent the line says NOTE(paper-gap); the light decoder follows DECISIONS.md.
-
-Table 9 and Fig. 3 of a trained checkpoint on --val-split (train.py's flags; whole images, one scale):
-    python specialize_fuse.py --dataset ade20k --data-root PATH --backbone resnet101 --checkpoint OUT/best.pt
+Table 9 and Fig. 3 of a checkpoint that train.py wrote (the model's flags come from the checkpoint;
+--val-split on whole images at one scale):
+    python specialize_fuse.py --checkpoint OUT/best.pt [--data-root DIR] [--val-split S] [--device D]
 """
+import argparse
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE_INDEX, InputError, SegModel, build_backbone, build_datasets, confusion_matrix, conv_bn_relu,
-                    cross_entropy, resize, segmentation_metrics)
+from common import (IGNORE_INDEX, InputError, SegModel, autocast, build_backbone, build_datasets, confusion_matrix,
+                    conv_bn_relu, cross_entropy, file_dataset, load_checkpoint, load_weights, resize,
+                    segmentation_metrics)
 
 STRIDES = {2: (32, 4), 4: (32, 16, 8, 4)}      # cell sizes s_l, coarsest level first (Sec. 5.1.3, 5.4)
 PYRAMID_BINS = (1, 3, 6, 8)                    # PyramidPool output sizes (Sec. 4.2)
@@ -78,7 +82,8 @@ def pyramid_ground_truth(target, strides):
     ignore in both. Returns two lists over all L levels, coarsest first, of (B, H/s, W/s) int64 (the
     finest unity level is never predicted, Sec. 3.2, but done_by_coarser reads the coarser ones).
     """
-    # NOTE(paper-gap): ignore pixels do not break unity; an all-ignored cell is ignored (DECISIONS.md)
+    # NOTE(paper-gap): ignore pixels do not break unity and an all-ignored cell is ignored, because Sec. 3.1
+    # defines unity by the labels of the covered pixels and says nothing of unlabelled ones
     valid = target != IGNORE_INDEX
     label = target.float().unsqueeze(1)                                       # (B, 1, H, W)
     high = torch.where(valid.unsqueeze(1), label, torch.full_like(label, -1))
@@ -106,12 +111,14 @@ def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9)
     for l in range(1, len(strides)):
         settled = unity[l - 1] == 1                                         # (B, H/s_(l-1), W/s_(l-1))
         if policy == "true-positive":
-            # NOTE(paper-gap): "correctly classified as unity-cells" is read as unity only; the
-            # ancestor's predicted class is not checked (DECISIONS.md)
+            # NOTE(paper-gap): "correctly classified as unity-cells (true positives)" is read as the unity
+            # prediction alone, the ancestor's predicted class unchecked, because the sentence speaks of
+            # the unity classifier's true positives
             settled = settled & (unity_prob[l - 1] >= tau)
         elif policy == "naive":
-            # NOTE(paper-gap): 'naive' = the Sec. 3.1 pyramids, mix cells ignored (Sec. 3.2 "with their
-            # ground-truth counterparts"), not Sec. 5.4's "full semantic segmentation map" at every level
+            # NOTE(paper-gap): 'naive' = the Sec. 3.1 pyramids, mix cells ignored, not Sec. 5.4's "full
+            # semantic segmentation map" at every level, because Sec. 3.2 defines the naive setting as
+            # training "with their ground-truth counterparts" Y^(l), U^(l)
             settled = torch.zeros_like(settled)
         done.append(nearest_up(done[-1] | settled, strides[l - 1] // strides[l]))   # (B, H/s_l, W/s_l)
     return done
@@ -129,7 +136,8 @@ def fuse(semantic, unity_prob, strides, tau=0.9):
     fused = torch.zeros_like(finest)                                          # (B, K, h, w)
     level = torch.full_like(finest[:, 0], len(strides) - 1, dtype=torch.long)  # (B, h, w)
     remaining = torch.ones_like(level, dtype=torch.bool)                      # prod_k 1[Up(U^k) < tau]
-    # NOTE(paper-gap): Up(.) is nearest, a cell's value to all its pixels; 'out' then resizes bilinearly
+    # NOTE(paper-gap): Up(.) is nearest, a cell's value to all its finest cells, because Eq. (2) selects
+    # whole cells; forward then resizes the fused finest grid bilinearly, as any stride-4 output
     for l, (logits, stride) in enumerate(zip(semantic, strides)):
         factor = stride // strides[-1]
         unity = nearest_up(unity_prob[l], factor) >= tau if l < len(unity_prob) else remaining
@@ -149,6 +157,13 @@ class UnityHead(nn.Module):
     """Unity pyramid (Sec. 4.1, Fig. 2b): an entry of a cell is unity-like when its embedding is close
     to the cell's centroid; a cell is unity when its most deviating entry is (min pooling).
 
+    X_u = Conv1x1(X); X_centroid = Conv1x1_shared(AvgPool(X_u)); X_diff = Conv1x1_shared(X_u) -
+    Up_nearest(X_centroid); X_unity = sigmoid(Conv1x1_cls(X_diff)); U = MinPool(X_unity) per cell.
+    With no BN or ReLU named, the head is one linear map: the logit of an entry is v . (x - mean of x
+    over its cell) + b with v = W_reduce^T W_embed^T w_cls, a D-vector, then min-pooled over the cell.
+    The deviations average to zero over the cell, so a cell's logit is at most b: U^(l) <= sigmoid(b),
+    and Eq. (2) can take a coarser level only once training has raised b above logit(tau) (2.2 at 0.9).
+
     Input X (B, D, h, w) at the finest level; output: list over the L-1 coarser levels of
     (B, H/s, W/s) unity logits (sigmoid gives U^(l)).
     """
@@ -156,18 +171,20 @@ class UnityHead(nn.Module):
     def __init__(self, in_channels, *, channels=64, strides=STRIDES[4]):
         super().__init__()
         self.factors = [s // strides[-1] for s in strides[:-1]]
-        self.reduce = nn.Conv2d(in_channels, channels, 1)      # X -> X_u
-        self.centroid = nn.Conv2d(channels, channels, 1)       # shared over levels
-        self.embed = nn.Conv2d(channels, channels, 1)          # Conv1x1(X_u), the pixel side of X_diff
+        # NOTE(paper-gap): the three 1x1 convs are plain convs, no BN/ReLU, because Sec. 4.1 names none.
+        # The first two have no bias: both biases cancel in the difference X_diff
+        self.reduce = nn.Conv2d(in_channels, channels, 1, bias=False)   # X -> X_u
+        # NOTE(paper-gap): one Conv1x1 serves the pooled (centroid) side, the pixel side and every level,
+        # because Sec. 4.1 applies "a shared Conv1x1" to the pooled X_u and subtracts from Conv1x1(X_u)
+        self.embed = nn.Conv2d(channels, channels, 1, bias=False)
         self.classify = nn.Conv2d(channels, 1, 1)              # shared, followed by the sigmoid
-        # NOTE(paper-gap): the four 1x1 convs are plain convs with bias, no BN/ReLU (none named in Sec. 4.1)
 
     def forward(self, x):
         x_u = self.reduce(x)                                   # (B, Du, h, w)
-        pixels = self.embed(x_u)                               # (B, Du, h, w)
+        pixels = self.embed(x_u)                               # Conv1x1(X_u) (B, Du, h, w)
         unity = []
         for f in self.factors:
-            centroid = self.centroid(F.avg_pool2d(x_u, f))     # X_centroid (B, Du, h/f, w/f)
+            centroid = self.embed(F.avg_pool2d(x_u, f))        # X_centroid (B, Du, h/f, w/f)
             diff = pixels - nearest_up(centroid, f)            # X_diff (B, Du, h, w)
             logit = self.classify(diff)                        # (B, 1, h, w) logit of X_unity
             # min pooling of sigmoid(logit) == sigmoid of min-pooled logits (monotone): keep logits for BCE
@@ -178,33 +195,48 @@ class UnityHead(nn.Module):
 def pyramid_pool(x, bins=PYRAMID_BINS):
     """PyramidPool (Eqs. 6, 10): average-pool (B, C, h, w) to 1x1, 3x3, 6x6, 8x8 and flatten the cells
     into S = 110 context tokens, kept as (B, C, S, 1) so 1x1 convs and BN apply unchanged."""
-    # NOTE(paper-gap): average pooling ([15] and Eq. 6 do not say; ANL's pyramid sampling [34] averages)
+    # NOTE(paper-gap): average pooling because Eq. (6) and [15] do not say which, and ANL's pyramid
+    # sampling [34], which Eq. (6) follows, averages
     return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], 2).unsqueeze(-1)
 
 
 class ContextAggregation(nn.Module):
-    """CA (Sec. 4.2, Eqs. 8-9, Fig. 2d): the cells of X^(l) attend to the context tokens theta^(l-1).
+    """CA (Sec. 4.2, Eqs. 8-9, Fig. 2d): the cells of X^(l) attend to the S = 110 context tokens theta^(l-1).
 
     Also the ANL block of Table 6 [34] when theta is the PyramidPool of the block's own input.
+
+    Computed exactly, with the 1x1 convs that act per cell moved onto the S tokens where they are linear:
+    Eq. (8)'s scores (W_q x + b_q)^T k = x^T (W_q^T k) + b_q^T k, and Eq. (9)'s 1x1 conv over concat(X_att, X)
+    is W_att X_att + W_x X with W_att X_att = A (W_att V). Per cell this costs C*S + S*C + C*C
+    multiply-adds instead of C*Ck + Ck*S + S*C + 2C*C (half at C = 512, Ck = 256, S = 110; fewer
+    whenever C > S/3), plus C*Ck*S + S*C*C once per image on the tokens. Parameters and state_dict
+    are the literal form's.
     """
 
     def __init__(self, channels, *, key_channels=None):
         super().__init__()
-        # NOTE(paper-gap): query/key width D_s/2 (as ANL's key width), values keep D_s (our choice)
+        # NOTE(paper-gap): query/key width D_s/2 (as ANL's key width), values keep D_s, because Sec. 4.2
+        # gives no widths for the attention
         self.key_channels = key_channels or channels // 2
         self.query = nn.Conv2d(channels, self.key_channels, 1)
         self.key = nn.Conv2d(channels, self.key_channels, 1)
         self.value = nn.Conv2d(channels, channels, 1)
-        self.aggregate = conv_bn_relu(2 * channels, channels, 1)   # Conv1x1_agg: 2 D_s -> D_s
+        self.aggregate = conv_bn_relu(2 * channels, channels, 1)   # Conv1x1_agg: 2 D_s -> D_s, BN, ReLU
 
     def forward(self, x, theta):
         B, C, H, W = x.shape
-        q = self.query(x).flatten(2).transpose(1, 2)               # (B, N, Ck)
-        k = self.key(theta).flatten(2)                             # (B, Ck, S)
-        v = self.value(theta).flatten(2).transpose(1, 2)           # (B, S, C)
-        attn = (q @ k * self.key_channels ** -0.5).softmax(-1)     # Eq. (8): softmax over the S tokens (B, N, S)
-        att = (attn @ v).transpose(1, 2).reshape(B, C, H, W)       # X_att (B, C, H, W)
-        return self.aggregate(torch.cat([att, x], 1))              # Eq. (9): X'^(l) (B, C, H, W)
+        k = self.key(theta).flatten(2) * self.key_channels ** -0.5   # (B, Ck, S), scaled as in [22]
+        v = self.value(theta).flatten(2)                             # (B, C, S)
+        w_q = self.query.weight[:, :, 0, 0]                          # (Ck, C)
+        keys = w_q.t() @ k                                           # W_q^T k (B, C, S)
+        offset = (self.query.bias @ k).unsqueeze(1)                  # b_q^T k (B, 1, S)
+        scores = x.flatten(2).transpose(1, 2) @ keys + offset        # q . k / sqrt(Ck) (B, N, S)
+        attn = scores.softmax(-1)                                    # Eq. (8): softmax over the S tokens
+        conv, bn, relu = self.aggregate
+        w_att, w_x = conv.weight.split(C, 1)                         # (C, C, 1, 1) each: concat order (X_att, X)
+        values = (w_att[:, :, 0, 0] @ v).transpose(1, 2)             # W_att V (B, S, C)
+        att = (attn @ values).transpose(1, 2).reshape(B, C, H, W)    # W_att X_att (B, C, H, W)
+        return relu(bn(att + F.conv2d(x, w_x)))                      # Eq. (9): X'^(l) (B, C, H, W)
 
 
 class ContextUpdating(nn.Module):
@@ -232,19 +264,20 @@ class SemanticHead(nn.Module):
                  pyramidal=True):
         super().__init__()
         # NOTE(paper-gap): a single output with context 'ours' still refines every level coarse to fine
-        # and predicts with ConvBlock^(L) only (its supplementary is not available to us); without our
-        # module it never needs the coarser levels
+        # and predicts with ConvBlock^(L) only, because Table 6 gives that row without its design (the
+        # supplementary that has it is not available); without our module it never needs coarser levels
         self.strides = strides if pyramidal or context == "ours" else strides[-1:]
         self.context = context
         levels = len(self.strides)
-        # NOTE(paper-gap): the projection D -> D_s is a plain 1x1 conv with bias (Sec. 4.2 names no BN/ReLU)
+        # NOTE(paper-gap): the projection D -> D_s is a plain 1x1 conv with bias because Sec. 4.2 names no BN/ReLU
         self.project = nn.Conv2d(in_channels, channels, 1)
         if context in ("anl-multi", "ours"):
             # NOTE(paper-gap): "ANL-multi" = one ANL per level, written as our CA attending to PyramidPool of
-            # its own level (ANL's asymmetric sampling; ANL's extra BN/ReLU, output conv, dropout left out)
+            # its own level (ANL's asymmetric sampling; ANL's extra BN/ReLU, output conv, dropout left out),
+            # because Table 6 names the baseline without its design; the same block keeps the rows comparable
             self.aggregate = nn.ModuleList(ContextAggregation(channels) for _ in range(levels))
         if context == "ours":
-            # NOTE(paper-gap): no CU at the finest level, theta^(L) would feed nothing
+            # NOTE(paper-gap): no CU at the finest level because theta^(L) would feed nothing
             self.update = nn.ModuleList(ContextUpdating(channels) for _ in range(levels - 1))
         self.blocks = nn.ModuleList(                           # Eq. (7): ConvBlock^(l), one per predicted level
             nn.Sequential(conv_bn_relu(channels, channels, 1), nn.Conv2d(channels, num_classes, 1))
@@ -253,8 +286,10 @@ class SemanticHead(nn.Module):
     def forward(self, x):
         x = self.project(x)                                    # X^(L) (B, Ds, h, w)
         finest = self.strides[-1]
-        # NOTE(paper-gap): Eq. (3) pools by s_l / s_L (= 2^(L-l) for L = 4), so L = 2 pools by 8
-        features = [F.avg_pool2d(x, s // finest) for s in self.strides]   # Eq. (3): X^(l) (B, Ds, h*sL/s, w*sL/s)
+        # NOTE(paper-gap): Eq. (3) pools by s_l / s_L (= 2^(L-l) for L = 4), so L = 2 pools by 8, because
+        # level l's cells are s_l pixels wide (Sec. 3.1) and 2^(L-l) would give L = 2 a stride-8 level 1
+        # Eq. (3): X^(l) (B, Ds, h*sL/s, w*sL/s); X^(L) is X itself (a pool of kernel 1 would only copy it)
+        features = [F.avg_pool2d(x, s // finest) if s != finest else x for s in self.strides]
         if self.context == "anl-multi":
             features = [ca(f, pyramid_pool(f)) for ca, f in zip(self.aggregate, features)]
         elif self.context == "ours":
@@ -277,15 +312,18 @@ class SemanticHead(nn.Module):
 
 
 class LightDecoder(nn.Module):
-    """The four ResNet stages fused at stride 4 as HRNet's final representation [23] (Sec. 5.1.2).
-
-    NOTE(paper-gap): 1x1 conv + BN + ReLU per stage to 48/96/192/384 channels, bilinear up, concat to
-    D = 720, the HRNet-W48 widths that the paper's D = 720 matches, no conv after the concat (DECISIONS.md).
-    """
+    """The four ResNet stages, their channels reduced, brought to stride 4 and concatenated (Sec. 5.1.2):
+    (B, 256/512/1024/2048, H/4 ... H/32, ...) -> (B, D = 720, H/4, W/4) for ResNet-50/101."""
 
     def __init__(self, in_channels, *, channels=(48, 96, 192, 384)):
         super().__init__()
+        # NOTE(paper-gap): "reduce the number of channels of each stage" = 1x1 conv + BN + ReLU to
+        # 48/96/192/384, because these HRNet-W48 widths sum to the paper's D = 720 for both backbones
         self.lateral = nn.ModuleList(conv_bn_relu(i, o, 1) for i, o in zip(in_channels, channels))
+        # NOTE(paper-gap): HRNet's fusion module [23] (strided 3x3 convs down, 1x1 conv + upsampling up,
+        # summed per branch) is replaced by bilinear upsampling + concat, no conv after it, because the
+        # paper leaves its ResNet decoder to the supplementary, which is not available; the concat is
+        # HRNetV2's final representation [23], the D = 720 features the heads read
 
     def forward(self, features):
         size = features[0].shape[-2:]
@@ -298,7 +336,7 @@ class LightDecoder(nn.Module):
 
 def unity_bce(logits, target):
     """Mean binary cross-entropy (fp32) over the cells whose unity target is not ignore."""
-    # NOTE(paper-gap): BCE unweighted (no positive/negative balancing named in Eq. 1)
+    # NOTE(paper-gap): BCE unweighted because Eq. (1) names no positive/negative balancing
     valid = target != IGNORE_INDEX
     loss = F.binary_cross_entropy_with_logits(logits.float(), (target == 1).float(), reduction="none")
     return (loss * valid).sum() / valid.sum().clamp(min=1)
@@ -310,11 +348,12 @@ class SpecializeFuse(SegModel):
     output_format 'pyramidal' (ours) or 'single' (Table 6 rows); context 'ours', 'anl', 'anl-multi',
     'none' (Table 6 columns); relabel 'true-positive', 'simple', 'naive' (Table 7); inference 'fuse'
     or 'finest' (Table 8); levels 4 or 2 (Sec. 5.4); tau the unity threshold (Sec. 5.1.3);
-    finest_target 'pixels' or 'cells': how the finest level is supervised (see loss).
+    finest_target 'cells' (Sec. 3.1, Eq. 1) or 'pixels' (a deviation): how the finest level is
+    supervised (see loss).
     """
 
     def __init__(self, backbone, num_classes, *, output_format="pyramidal", context="ours",
-                 relabel="true-positive", inference="fuse", levels=4, tau=0.9, finest_target="pixels",
+                 relabel="true-positive", inference="fuse", levels=4, tau=0.9, finest_target="cells",
                  decoder_channels=(48, 96, 192, 384), unity_channels=64, semantic_channels=512):
         super().__init__()
         for name, value, allowed in (("output format", output_format, ("pyramidal", "single")),
@@ -329,7 +368,8 @@ class SpecializeFuse(SegModel):
         self.relabel_policy, self.inference, self.tau, self.finest_target = relabel, inference, tau, finest_target
         self.decoder = LightDecoder(backbone.channels, channels=decoder_channels)
         dim = sum(decoder_channels)                            # D = 720
-        # NOTE(paper-gap): Table 6 "ANL" = one ANL block appended to the backbone feature X (D channels)
+        # NOTE(paper-gap): Table 6 "ANL" = one ANL block appended to the backbone feature X (D channels),
+        # because "ANL" there is a contextual module of the backbone, as in the HRNet48 + ANL rows of Tables 1-5
         self.anl = ContextAggregation(dim) if context == "anl" else None
         pyramidal = output_format == "pyramidal"
         self.semantic_head = SemanticHead(dim, num_classes, channels=semantic_channels, strides=self.strides,
@@ -342,26 +382,30 @@ class SpecializeFuse(SegModel):
         x = self.decoder(self.backbone(x))                     # X (B, D, h, w), h = H'/4
         if self.anl is not None:
             x = self.anl(x, pyramid_pool(x))
-        semantic = self.semantic_head(x)                       # [(B, K, H'/s, W'/s)] coarsest first
+        outputs = {"semantic": self.semantic_head(x)}          # [(B, K, H'/s, W'/s)] coarsest first
+        if self.unity_head is not None:
+            outputs["unity"] = self.unity_head(x)              # [(B, H'/s, W'/s)] for the L-1 coarser levels
+        if self.training:                                      # Eq. (1) reads the pyramids alone
+            return outputs
+        semantic = outputs["semantic"]
         if self.unity_head is None:                            # single (standard) output
-            return {"out": resize(semantic[-1], (H, W)), "semantic": semantic}
-        unity = self.unity_head(x)                             # [(B, H'/s, W'/s)] for the L-1 coarser levels
-        prob = [u.detach().float().sigmoid() for u in unity]   # U^(l), only compared with tau
+            outputs["out"] = resize(semantic[-1], (H, W))      # (B, K, H, W)
+            return outputs
+        prob = [u.detach().float().sigmoid() for u in outputs["unity"]]   # U^(l), compared with tau
         tau = self.tau if self.inference == "fuse" else float("inf")   # Table 8 "aux. supervision": finest only
         fused, level = fuse(semantic, prob, self.strides, tau)          # (B, K, h, w), (B, h, w)
-        outputs = {"out": resize(fused, (H, W)), "semantic": semantic, "unity": unity}
-        if not self.training:                                  # for the analysis (Fig. 1, Table 9) only
-            outputs["level"] = resize(level.unsqueeze(1).float(), (H, W), "nearest")[:, 0].long()  # (B, H, W)
-            up = [nearest_up(p, s // self.strides[-1]) for p, s in zip(prob, self.strides)]   # to the finest level
-            outputs["maps"] = {"level": level.unsqueeze(1).float() / (len(self.strides) - 1),  # (B, 1, h, w) Fig. 1
-                               "unity": torch.stack(up, 1)}                                     # (B, L-1, h, w)
+        outputs["out"] = resize(fused, (H, W))                 # (B, K, H, W)
+        outputs["level"] = resize(level.unsqueeze(1).float(), (H, W), "nearest")[:, 0].long()  # (B, H, W) Table 9
+        up = [nearest_up(p, s // self.strides[-1]) for p, s in zip(prob, self.strides)]   # to the finest level
+        outputs["maps"] = {"level": level.unsqueeze(1).float() / (len(self.strides) - 1),  # (B, 1, h, w) Fig. 1
+                           "unity": torch.stack(up, 1)}                                     # (B, L-1, h, w)
         return outputs
 
     def loss(self, outputs, target):
         semantic = list(outputs["semantic"])
         size = [n * self.strides[-1] for n in semantic[-1].shape[-2:]]           # (H', W')
-        # NOTE(paper-gap): the label map follows the resized image (Sec. 3.1) with nearest neighbour; every
-        # per-pixel CE (the single output's, the finest level's) is taken at this working size
+        # NOTE(paper-gap): the label map follows the resized image (Sec. 3.1) with nearest neighbour, because
+        # labels cannot be interpolated; every per-pixel CE (the single output's, 'pixels') is taken at this size
         target = resize(target.unsqueeze(1).float(), size, "nearest")[:, 0].long()   # (B, H', W')
         if self.unity_head is None:                            # the standard per-pixel loss
             ce = cross_entropy(resize(semantic[-1], size), target)
@@ -372,12 +416,14 @@ class SpecializeFuse(SegModel):
         # Sec. 3.2: Y_relabeled, U_relabeled: the cells done by coarser are ignored in both pyramids
         semantic_gt = [y.masked_fill(d, IGNORE_INDEX) for y, d in zip(semantic_gt, done)]
         unity_gt = [u.masked_fill(d, IGNORE_INDEX) for u, d in zip(unity_gt[:-1], done)]
+        # 'cells' (the paper): Sec. 3.1 defines Y^(l) alike at every level, mix cells ignored, and Eq. (1)
+        # takes every CE at its level's H/s_l
         if self.finest_target == "pixels":
-            # NOTE(paper-gap): "all cells in the finest level are assumed to be unity-cells" (Sec. 3.2):
-            # its logits are trained per pixel, as the stride-4 output of HRNet-OCR's protocol (Sec. 5.1.1),
-            # so pixels of finest mix cells (boundaries, thin things) keep their labels; 'cells' ignores those
-            # cells as Sec. 3.1 does, never supervising structures thinner than 4 px
-            semantic[-1] = resize(semantic[-1], size)                                   # (B, K, H', W')
+            # Deviation, not the paper: the finest level is trained on the labels of its pixels, so that the
+            # pixels of finest mix cells still teach it (on CamVid train at 192 x 256, 89 % of Pole and 57 %
+            # of Pedestrian pixels lie in mixed 4 x 4 cells, which 'cells' never supervises). Each cell's
+            # logits are replicated to its s_L x s_L pixels, so a cell done by coarser gets no gradient
+            semantic[-1] = nearest_up(semantic[-1], self.strides[-1])                   # (B, K, H', W')
             semantic_gt[-1] = target.masked_fill(nearest_up(done[-1], self.strides[-1]), IGNORE_INDEX)
         L = len(self.strides)
         # Eq. (1): mean CE over the L semantic levels + mean BCE over the L-1 unity levels
@@ -392,30 +438,31 @@ class SpecializeFuse(SegModel):
 
 def level_confusion(outputs, target, num_classes):
     """(L, L, K, K) int64: [l, l'] is the confusion matrix (rows ground truth) of level l''s semantic
-    prediction (argmax, nearest to pixels) over the pixels of `target` (B, H, W) that the fusion took
-    from level l (outputs['level'], eval mode). Ignore pixels are skipped. Sum it over a split."""
+    prediction over the pixels of `target` (B, H, W) that the fusion took from level l (outputs['level'],
+    eval mode). Level l' is brought to the pixels as the evaluated 'out' is (Eq. 2's nearest Up to the
+    finest level, then bilinear to (H, W)), so where the fusion takes l' everywhere the two agree.
+    Ignore pixels are skipped. Sum it over a split."""
     semantic, level = outputs["semantic"], outputs["level"]                     # level (B, H, W)
     L, finest = len(semantic), semantic[-1].shape[-1]
     confusion = target.new_zeros(L, L, num_classes, num_classes)
     for l_sem, logits in enumerate(semantic):
-        pred = nearest_up(logits.argmax(1), finest // logits.shape[-1])         # (B, h, w) finest cells
-        pred = resize(pred.unsqueeze(1).float(), target.shape[-2:], "nearest")[:, 0].long()   # (B, H, W)
+        up = nearest_up(logits, finest // logits.shape[-1])                     # (B, K, h, w) finest cells
+        pred = resize(up, target.shape[-2:]).argmax(1)                          # (B, H, W) as 'out'
         for l in range(L):
             group = level == l
             confusion[l, l_sem] = confusion_matrix(pred[group], target[group], num_classes)
     return confusion
 
 
-def level_tables(confusion, class_names=None):
+def level_tables(confusion, fused, class_names=None):
     """Table 9: mIoU[l'][l] of level l' on the pixels taken from level l, and each group's share of
-    the pixels (%). Fig. 3: per-class IoU of each level l' over all pixels, and of the fused
-    prediction (the diagonal blocks [l, l]). Percentages; NaN / None where a class or group is empty."""
+    the pixels (%). Fig. 3: per-class IoU of each level l' over all pixels, and of the fused output
+    (`fused`: the (K, K) confusion matrix of 'out'). Percentages; NaN / None where a class or group is empty."""
     L = len(confusion)
     table9 = [[segmentation_metrics(confusion[l, l_sem])["mIoU"] for l in range(L)] for l_sem in range(L)]
     share = [100 * confusion[l, 0].sum().item() / max(confusion[:, 0].sum().item(), 1) for l in range(L)]
     per_level = [segmentation_metrics(confusion[:, l_sem].sum(0), class_names)["IoU"] for l_sem in range(L)]
-    fused = segmentation_metrics(sum(confusion[l, l] for l in range(L)), class_names)["IoU"]
-    return table9, share, per_level, fused
+    return table9, share, per_level, segmentation_metrics(fused, class_names)["IoU"]
 
 
 def markdown_tables(table9, share, per_level, fused):
@@ -438,14 +485,16 @@ def markdown_tables(table9, share, per_level, fused):
 
 @torch.no_grad()
 def level_analysis(model, dataset, device):
-    """level_confusion summed over `dataset` (eval items), one whole image at a time, one scale."""
+    """(level_confusion, confusion matrix of 'out') summed over `dataset` (eval items), one whole
+    image at a time, one scale."""
     model.eval()
-    confusion = 0
+    confusion = fused = 0
     for index in range(len(dataset)):
         image, label = dataset[index]
-        outputs = model(image[None].to(device))
-        confusion = confusion + level_confusion(outputs, label[None].to(device), dataset.num_classes)
-    return confusion
+        outputs, label = model(image[None].to(device)), label[None].to(device)
+        confusion = confusion + level_confusion(outputs, label, dataset.num_classes)
+        fused = fused + confusion_matrix(outputs["out"].argmax(1), label, dataset.num_classes)
+    return confusion, fused
 
 
 def add_args(parser):
@@ -454,42 +503,93 @@ def add_args(parser):
                        help="pyramidal output (ours) or the standard single finest-level output (Table 6 rows)")
     group.add_argument("--context", choices=("ours", "anl", "anl-multi", "none"), default="ours",
                        help="coarse-to-fine CA/CU, one ANL on the backbone, one ANL per level, none (Table 6)")
-    group.add_argument("--relabel", choices=("true-positive", "simple", "naive"), default="true-positive",
-                       help="ignore descendants of true-positive (ours) / all ground-truth / no unity cells (Table 7)")
-    group.add_argument("--inference", choices=("fuse", "finest"), default="fuse",
-                       help="fuse the pyramids by Eq. (2), or the finest level only (Table 8)")
-    group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=4,
-                       help="L: 4 levels of strides {32,16,8,4} or 2 of strides {32,4} (Sec. 5.4)")
-    group.add_argument("--tau", type=float, default=0.9, help="unity threshold of Eq. (2) and relabelling (Sec. 5.1.3)")
-    group.add_argument("--finest-target", choices=("pixels", "cells"), default="pixels",
-                       help="supervise the finest level per pixel, or per 4x4 cell with mix cells ignored")
-    group.add_argument("--unity-channels", type=int, default=64, help="D_u of the unity head (Sec. 5.1.3)")
+    group.add_argument("--relabel", choices=("true-positive", "simple", "naive"), default=None,
+                       help="ignore descendants of true-positive (ours, the default) / all ground-truth / no "
+                            "unity cells (Table 7)")
+    group.add_argument("--inference", choices=("fuse", "finest"), default=None,
+                       help="fuse the pyramids by Eq. (2) (the default), or the finest level only (Table 8)")
+    group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=None,
+                       help="L: 4 levels of strides {32,16,8,4} (the default) or 2 of strides {32,4} (Sec. 5.4)")
+    group.add_argument("--tau", type=float, default=None,
+                       help="unity threshold of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3; 0.9)")
+    group.add_argument("--finest-target", choices=("cells", "pixels"), default=None,
+                       help="supervise the finest level per 4x4 cell with mix cells ignored (Sec. 3.1, Eq. 1; "
+                            "the default), or per pixel (a deviation: mix cells' pixels keep their labels)")
+    group.add_argument("--unity-channels", type=int, default=None, help="D_u of the unity head (Sec. 5.1.3; 64)")
     group.add_argument("--semantic-channels", type=int, default=512, help="D_s of the semantic head (Sec. 5.1.3)")
 
 
+def given_or(value, default):
+    """A flag's value, or its default when it was not given (None)."""
+    return default if value is None else value
+
+
 def build_model(args):
+    # A flag that would change nothing is an error, not silently ignored.
+    unity_flags = (("--relabel", args.relabel), ("--inference", args.inference), ("--tau", args.tau),
+                   ("--finest-target", args.finest_target), ("--unity-channels", args.unity_channels))
+    given = [flag for flag, value in unity_flags if value is not None]
+    if args.output_format == "single" and args.context != "ours" and args.pyramid_levels is not None:
+        given.append("--pyramid-levels")                    # the single output without our module: one level
+    if args.output_format == "single" and given:
+        raise InputError(f"specialize_fuse: {', '.join(given)} would change nothing: --output-format single "
+                         f"predicts the finest level alone, with no unity pyramid")
+    relabel, inference = given_or(args.relabel, "true-positive"), given_or(args.inference, "fuse")
+    if args.tau is not None and inference == "finest" and relabel != "true-positive":
+        raise InputError(f"specialize_fuse: --tau would change nothing: --inference finest never fuses and "
+                         f"--relabel {relabel} never reads the unity prediction")
     # the paper uses the standard ResNet (output stride 32) and decodes to stride 4 (Sec. 5.1.2)
     return SpecializeFuse(build_backbone(args, output_stride=32), args.num_classes,
-                          output_format=args.output_format, context=args.context, relabel=args.relabel,
-                          inference=args.inference, levels=args.pyramid_levels, tau=args.tau,
-                          finest_target=args.finest_target,
-                          unity_channels=args.unity_channels, semantic_channels=args.semantic_channels)
+                          output_format=args.output_format, context=args.context, relabel=relabel,
+                          inference=inference, levels=given_or(args.pyramid_levels, 4),
+                          tau=given_or(args.tau, 0.9), finest_target=given_or(args.finest_target, "cells"),
+                          unity_channels=given_or(args.unity_channels, 64), semantic_channels=args.semantic_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# python specialize_fuse.py --checkpoint PATH: Table 9 and Fig. 3 of a trained model
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="specialize_fuse.py", description="Table 9 and Fig. 3 (Sec. 5.5) of a pyramidal model that train.py "
+        "trained: whole images of the validation split, one scale. The model's flags come from the checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a train.py run")
+    parser.add_argument("--data-root", help="the dataset's folder (default: the one the run was trained with)")
+    parser.add_argument("--val-split", help="the split analysed (default: the run's --val-split)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    return parser.parse_args(argv)
 
 
 def print_level_analysis(argv):
-    """python specialize_fuse.py [train.py flags] --checkpoint PATH: Table 9 and Fig. 3 on --val-split."""
-    import train                               # its flags, device and weight loading (it imports this file)
-    args = train.parse_args(["--method", "specialize_fuse", *argv])
-    if not args.checkpoint or args.output_format != "pyramidal":
-        raise InputError("specialize_fuse.py analyses a trained pyramidal model: give --checkpoint")
-    _, dataset = build_datasets(args)
-    args.num_classes = dataset.num_classes
-    _, _, device = train.setup_distributed(args.device)
-    model = build_model(args).to(device)
-    train.load_weights(model, args.checkpoint)
-    with train.autocast(args, device):
-        confusion = level_analysis(model, dataset, device)
-    print(markdown_tables(*level_tables(confusion.cpu(), dataset.class_names)))
+    """Rebuild the model from the flags saved in the checkpoint (state['args'], what train.py writes),
+    load its weights, and print Table 9 and Fig. 3 of the validation split as Markdown."""
+    cli = parse_args(argv)
+    state = load_checkpoint(cli.checkpoint)
+    if not isinstance(state.get("args"), dict):
+        raise InputError(f"{cli.checkpoint} holds no training flags ('args'): give a checkpoint that train.py wrote")
+    args = argparse.Namespace(**state["args"])
+    if getattr(args, "method", None) != "specialize_fuse" or getattr(args, "output_format", None) != "pyramidal":
+        raise InputError(f"{cli.checkpoint} is not a pyramidal specialize_fuse model (--method "
+                         f"{getattr(args, 'method', None)}, --output-format {getattr(args, 'output_format', None)})")
+    for name in ("data_root", "val_split", "device"):
+        if getattr(cli, name) is not None:
+            setattr(args, name, getattr(cli, name))
+    args.pretrained = None                                 # the checkpoint holds every weight
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device here (give --device cpu)")
+    try:
+        dataset = build_datasets(args)[1] if args.dataset == "synthetic" else \
+            file_dataset(args.dataset, args.data_root, args.val_split)
+        args.num_classes = dataset.num_classes
+        model = build_model(args).to(device)
+    except AttributeError as e:                            # a flag that the run's train.py did not have yet
+        raise InputError(f"{cli.checkpoint}: its saved flags lack {e.name!r} (written by an older train.py)") from None
+    load_weights(model, cli.checkpoint)
+    with autocast(args.amp, device):
+        confusion, fused = level_analysis(model, dataset, device)
+    print(markdown_tables(*level_tables(confusion.cpu(), fused.cpu(), dataset.class_names)))
 
 
 if __name__ == "__main__":

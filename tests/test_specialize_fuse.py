@@ -2,6 +2,9 @@
 
 Run: python -m pytest -q tests/test_specialize_fuse.py
 """
+import argparse
+import ast
+import copy
 import os
 import runpy
 import sys
@@ -9,12 +12,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 import specialize_fuse as sf  # noqa: E402
-import train  # noqa: E402
 from common import IGNORE_INDEX  # noqa: E402
 
 torch.set_num_threads(1)
@@ -157,8 +161,7 @@ def test_unity_head_matches_cell_loop():
     head = sf.UnityHead(6, channels=4, strides=strides)
     x = torch.randn(1, 6, 8, 8, requires_grad=True)
     fast = head(x)
-    w = lambda conv: (conv.weight[:, :, 0, 0], conv.bias)
-    lin = lambda conv, v: v @ w(conv)[0].T + w(conv)[1]     # a 1x1 conv on (..., C) vectors
+    lin = lambda conv, v: v @ conv.weight[:, :, 0, 0].T + (0 if conv.bias is None else conv.bias)   # 1x1 conv
     x_u = lin(head.reduce, x[0].permute(1, 2, 0))           # (8, 8, Du)
     slow = []
     for s in strides[:-1]:
@@ -167,8 +170,8 @@ def test_unity_head_matches_cell_loop():
         for i in range(8 // r):
             for j in range(8 // r):
                 block = x_u[i * r:(i + 1) * r, j * r:(j + 1) * r]                     # (r, r, Du)
-                centroid = lin(head.centroid, block.mean((0, 1)))
-                prob = torch.sigmoid(lin(head.classify, lin(head.embed, block) - centroid))
+                centroid = lin(head.embed, block.mean((0, 1)))                        # the shared Conv1x1 ...
+                prob = torch.sigmoid(lin(head.classify, lin(head.embed, block) - centroid))   # ... on both sides
                 cells[i, j] = prob.min()                                              # min pooling
         slow.append(cells)
     for f, s_ in zip(fast, slow):
@@ -177,6 +180,70 @@ def test_unity_head_matches_cell_loop():
     grad_fast = torch.autograd.grad(sum((f[0].sigmoid() * c).sum() for f, c in zip(fast, weights)), x)[0]
     grad_slow = torch.autograd.grad(sum((s_ * c).sum() for s_, c in zip(slow, weights)), x)[0]
     assert torch.allclose(grad_fast, grad_slow, atol=1e-6)
+
+
+def test_unity_head_is_one_linear_map_of_the_deviation_from_the_cell_mean():
+    """Sec. 4.1 with one shared Conv1x1 and no BN/ReLU: logit = v . (x - cell mean of x) + b, min-pooled."""
+    torch.manual_seed(0)
+    head = sf.UnityHead(6, channels=4).double()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    v = (head.classify.weight[:, :, 0, 0] @ head.embed.weight[:, :, 0, 0] @ head.reduce.weight[:, :, 0, 0])[0]   # (D,)
+    for f, logits in zip(head.factors, head(x)):
+        deviation = x - sf.nearest_up(F.avg_pool2d(x, f), f)                     # (B, D, h, w)
+        entry = torch.einsum("d,bdhw->bhw", v, deviation) + head.classify.bias
+        assert (logits - sf.min_pool(entry[:, None], f)[:, 0]).abs().max() < 1e-12
+        assert (logits <= head.classify.bias + 1e-12).all()         # deviations average to 0 over a cell
+
+
+def literal_context_aggregation(ca, x, theta):
+    """Eqs. (8)-(9) as written: per-cell query conv, attention, concat(X_att, X) -> Conv1x1_agg."""
+    B, C, H, W = x.shape
+    q = F.conv2d(x, ca.query.weight, ca.query.bias).flatten(2).transpose(1, 2)        # (B, N, Ck)
+    k = F.conv2d(theta, ca.key.weight, ca.key.bias).flatten(2)                        # (B, Ck, S)
+    v = F.conv2d(theta, ca.value.weight, ca.value.bias).flatten(2).transpose(1, 2)    # (B, S, C)
+    att = ((q @ k / ca.key_channels ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(B, C, H, W)
+    return ca.aggregate(torch.cat([att, x], 1))
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_folded_context_aggregation_equals_the_concat_conv_form(train_mode):
+    torch.manual_seed(0)
+    ca = sf.ContextAggregation(16).double().train(train_mode)
+    for p in ca.parameters():                                  # non-trivial biases and BN affine too
+        p.data = torch.randn_like(p) * 0.5
+    ca.aggregate[1].running_mean.normal_()
+    ca.aggregate[1].running_var.uniform_(0.5, 2)
+    literal = copy.deepcopy(ca)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    theta = sf.pyramid_pool(torch.randn(2, 16, 9, 8, dtype=torch.float64)).requires_grad_()
+    fast, slow = ca(x, theta), literal_context_aggregation(literal, x, theta)
+    assert (fast - slow).abs().max() < 1e-10
+    weight = torch.randn_like(fast)
+    inputs_fast, inputs_slow = [x, theta, *ca.parameters()], [x, theta, *literal.parameters()]
+    grads_fast = torch.autograd.grad((fast * weight).sum(), inputs_fast)
+    grads_slow = torch.autograd.grad((slow * weight).sum(), inputs_slow)
+    for (name, _), a, b in zip([("x", 0), ("theta", 0), *ca.named_parameters()], grads_fast, grads_slow):
+        assert (a - b).abs().max() < 1e-10, name
+    assert list(ca.state_dict()) == ["query.weight", "query.bias", "key.weight", "key.bias", "value.weight",
+                                     "value.bias", "aggregate.0.weight", "aggregate.1.weight", "aggregate.1.bias",
+                                     "aggregate.1.running_mean", "aggregate.1.running_var",
+                                     "aggregate.1.num_batches_tracked"]
+    assert ca.aggregate[0].weight.shape == (16, 32, 1, 1)
+
+
+def test_context_aggregation_costs_c_s_plus_s_c_plus_c_c_per_cell():
+    """The folded Eq. (9): each extra cell costs 2 (C*S + S*C + C*C) FLOPs (the literal form's
+    2 (C*Ck + Ck*S + S*C + 2 C*C) is 14 % more at C = 64, twice as much at the paper's C = 512)."""
+    C, S = 64, 110
+    ca = sf.ContextAggregation(C).eval()
+    theta = torch.randn(1, C, S, 1)
+
+    def flops(h, w):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ca(torch.randn(1, C, h, w), theta)
+        return counter.get_total_flops()
+
+    assert (flops(8, 4) - flops(4, 4)) / 16 == 2 * (C * S + S * C + C * C)
 
 
 def test_context_aggregation_matches_position_loop():
@@ -221,11 +288,12 @@ def test_loss_is_eq1_over_relabelled_cells(policy, finest_target):
     losses = model.loss({"semantic": semantic, "unity": unity}, target)
     y, u, done = slow_relabel(*slow_pyramid(target, strides), [t.sigmoid() for t in unity], strides, policy, 0.9)
     ce = [mean_ce(s_, t) for s_, t in zip(semantic, y)]
-    if finest_target == "pixels":                          # every pixel of a finest cell not done by coarser
-        pixel_target = target.clone()
+    if finest_target == "pixels":                          # every pixel of a finest cell not done by coarser,
+        pixel_target = target.clone()                      # against its own cell's logits
         for b, i, j in done[-1].nonzero().tolist():
             pixel_target[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = IGNORE_INDEX
-        ce[-1] = mean_ce(F.interpolate(semantic[-1], size=(64, 64), mode="bilinear", align_corners=False), pixel_target)
+        replicated = semantic[-1].repeat_interleave(4, 2).repeat_interleave(4, 3)          # (B, K, 64, 64)
+        ce[-1] = mean_ce(replicated, pixel_target)
     bce = [F.binary_cross_entropy(p.sigmoid()[t != IGNORE_INDEX], t[t != IGNORE_INDEX].float(), reduction="sum")
            / (t != IGNORE_INDEX).sum().clamp(min=1) for p, t in zip(unity, u)]
     assert torch.allclose(losses["semantic"], sum(ce) / 4, atol=1e-5)
@@ -234,14 +302,48 @@ def test_loss_is_eq1_over_relabelled_cells(policy, finest_target):
     assert policy == "naive" or done[-1].any()
 
 
+@pytest.mark.parametrize("finest_target", ["cells", "pixels"])
+def test_cells_done_by_coarser_get_no_gradient(finest_target):
+    """Sec. 3.2: a cell done by coarser is "don't care" at its level, in both finest-level targets."""
+    model = tiny_model(finest_target=finest_target)
+    strides, B, K = model.strides, 2, 4
+    target = blocky_labels(B, 64, 64, classes=K, seed=4)
+    g = torch.Generator().manual_seed(5)
+    semantic = [torch.randn(B, K, 64 // s, 64 // s, generator=g, requires_grad=True) for s in strides]
+    unity = [torch.randn(B, 64 // s, 64 // s, generator=g) * 4 for s in strides[:-1]]
+    grads = torch.autograd.grad(model.loss({"semantic": semantic, "unity": unity}, target)["total"], semantic)
+    _, unity_gt = sf.pyramid_ground_truth(target, strides)
+    done = sf.done_by_coarser(unity_gt, [u.sigmoid() for u in unity], strides)
+    for l, (grad, d) in enumerate(zip(grads, done)):
+        assert (grad.abs().sum(1)[d] == 0).all(), f"level {l}"
+        assert (grad.abs().sum(1)[~d] > 0).any(), f"level {l}"
+    beside_play = F.max_pool2d((~done[-1]).float()[:, None], 3, 1, 1)[:, 0] > 0   # (B, 16, 16)
+    assert (done[-1] & beside_play).any()                  # done cells bordering cells in play are covered
+
+
+def test_the_finest_level_is_supervised_per_cell_by_default():
+    parser = argparse.ArgumentParser()
+    sf.add_args(parser)
+    assert sf.SpecializeFuse.__init__.__kwdefaults__["finest_target"] == "cells"
+    assert parser.parse_args([]).finest_target in (None, "cells")
+    model = tiny_model()
+    target = blocky_labels(2, 64, 64, classes=4, seed=4)
+    g = torch.Generator().manual_seed(5)
+    semantic = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in model.strides]
+    unity = [torch.full((2, 64 // s, 64 // s), -9.0) for s in model.strides[:-1]]   # nothing done by coarser
+    y, _ = sf.pyramid_ground_truth(target, model.strides)
+    ce = sum(mean_ce(s_, t) for s_, t in zip(semantic, y)) / 4
+    assert torch.allclose(model.loss({"semantic": semantic, "unity": unity}, target)["semantic"], ce, atol=1e-6)
+
+
 def test_odd_input_sizes_follow_sec_3_1():
     assert sf.working_size((33, 47), 32) == (32, 32)
     assert sf.working_size((48, 80), 32) == (64, 96)
     assert sf.working_size((10, 700), 32) == (32, 704)
     model = tiny_model()
     image, target = torch.randn(2, 3, 33, 47), torch.randint(0, 4, (2, 33, 47))
-    out = model(image)                                     # training mode: no analysis outputs
-    assert out["out"].shape == (2, 4, 33, 47) and "level" not in out and "maps" not in out
+    out = model(image)                                     # training mode: the pyramids alone
+    assert set(out) == {"semantic", "unity"}
     assert [tuple(y.shape[-2:]) for y in out["semantic"]] == [(1, 1), (2, 2), (4, 4), (8, 8)]
     assert torch.isfinite(model.loss(out, target)["total"])
     model.eval()
@@ -250,6 +352,35 @@ def test_odd_input_sizes_follow_sec_3_1():
     assert out["out"].shape == (1, 4, 49, 80) and out["semantic"][-1].shape[-2:] == (16, 24)
     assert out["level"].shape == (1, 49, 80)
     assert out["maps"]["level"].shape == (1, 1, 16, 24) and out["maps"]["unity"].shape == (1, 3, 16, 24)
+
+
+class AvgPoolKernels(TorchDispatchMode):
+    """The kernel sizes of every avg_pool2d that runs while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket == torch.ops.aten.avg_pool2d:
+            self.kernels.append(tuple(args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_format": "single", "context": "none"}, {"context": "anl-multi"}])
+def test_training_builds_no_output_that_no_loss_reads(kw, monkeypatch):
+    """No fused full-size 'out' in training, no Eq. (2) fusion, no copy of X^(L) by a kernel-1 pool."""
+    model = tiny_model(**kw)
+    image, target = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    monkeypatch.setattr(sf, "fuse", lambda *a, **k: pytest.fail("Eq. (2) fusion run in training"))
+    with AvgPoolKernels() as pools:
+        out = model(image)
+    assert "out" not in out and torch.isfinite(model.loss(out, target)["total"])
+    assert (1, 1) not in pools.kernels and (pools.kernels or kw.get("output_format") == "single")
+    monkeypatch.undo()
+    with AvgPoolKernels() as pools, torch.no_grad():
+        assert model.eval()(image)["out"].shape == (2, 4, 64, 64)
+    assert (1, 1) not in pools.kernels
 
 
 def test_single_output_is_trained_at_the_working_size_as_the_finest_level():
@@ -302,43 +433,106 @@ def test_coarse_to_fine_follows_eqs_3_to_11(levels):
         assert torch.allclose(a, b, atol=1e-6), f"level {l}"
 
 
-def test_level_confusion_matches_pixel_count():
-    strides, K, B, H, W = sf.STRIDES[4], 3, 2, 32, 64
-    g = torch.Generator().manual_seed(6)
-    semantic = [torch.randn(B, K, H // s, W // s, generator=g) for s in strides]
-    prob = [torch.rand(B, H // s, W // s, generator=g) for s in strides[:-1]]
-    fused, level = sf.fuse(semantic, prob, strides, tau=0.6)
-    level = sf.nearest_up(level, 4)                        # to pixels, as forward does
-    target = torch.randint(0, K, (B, H, W), generator=g)
+def level_inputs(B=2, K=3, size=(30, 61), seed=6):
+    """Pyramid logits of the working size of `size` (32 x 64), random targets of `size`."""
+    strides, g = sf.STRIDES[4], torch.Generator().manual_seed(seed)
+    h, w = sf.working_size(size, 32)
+    semantic = [torch.randn(B, K, h // s, w // s, generator=g) for s in strides]
+    prob = [torch.rand(B, h // s, w // s, generator=g) for s in strides[:-1]]
+    target = torch.randint(0, K, (B, *size), generator=g)
     target[:, :3] = IGNORE_INDEX
+    return strides, semantic, prob, target
+
+
+def evaluated(semantic, prob, strides, size, tau):
+    """'out' and 'level' as SpecializeFuse.forward returns them in eval mode."""
+    fused, level = sf.fuse(semantic, prob, strides, tau)
+    return common.resize(fused, size), common.resize(level[:, None].float(), size, "nearest")[:, 0].long()
+
+
+def test_level_confusion_matches_pixel_count():
+    strides, semantic, prob, target = level_inputs()
+    K, size = semantic[0].shape[1], target.shape[-2:]
+    out, level = evaluated(semantic, prob, strides, size, tau=0.6)
     confusion = sf.level_confusion({"semantic": semantic, "level": level}, target, K)
     slow = torch.zeros(4, 4, K, K, dtype=torch.long)
+    pred = [F.interpolate(y.repeat_interleave(s // 4, 2).repeat_interleave(s // 4, 3), size=tuple(size),
+                          mode="bilinear", align_corners=False).argmax(1) for y, s in zip(semantic, strides)]
     for b, i, j in (target != IGNORE_INDEX).nonzero().tolist():
-        for l_sem, s in enumerate(strides):
-            pred = semantic[l_sem][b, :, i // s, j // s].argmax()
-            slow[level[b, i, j], l_sem, target[b, i, j], pred] += 1
+        for l_sem in range(4):
+            slow[level[b, i, j], l_sem, target[b, i, j], pred[l_sem][b, i, j]] += 1
     assert torch.equal(confusion, slow) and len(level.unique()) == 4
-    diagonal = sum(confusion[l, l] for l in range(4))      # the fused prediction
-    assert torch.equal(diagonal, common.confusion_matrix(sf.nearest_up(fused.argmax(1), 4), target, K))
-    table9, share, per_level, fused_iou = sf.level_tables(confusion, ["a", "b", "c"])
+    fused = common.confusion_matrix(out.argmax(1), target, K)
+    table9, share, per_level, fused_iou = sf.level_tables(confusion, fused, ["a", "b", "c"])
     assert table9[1][2] == common.segmentation_metrics(confusion[2, 1])["mIoU"]
-    assert fused_iou == common.segmentation_metrics(diagonal, ["a", "b", "c"])["IoU"]
+    assert fused_iou == common.segmentation_metrics(fused, ["a", "b", "c"])["IoU"]
     assert per_level[0] == common.segmentation_metrics(confusion[:, 0].sum(0), ["a", "b", "c"])["IoU"]
     assert abs(sum(share) - 100) < 1e-9
 
 
-def test_main_prints_table9_and_fig3_of_a_checkpoint(tmp_path, monkeypatch, capsys):
-    argv = ["--dataset", "synthetic", "--backbone", "resnet18", "--semantic-channels", "16", "--unity-channels",
-            "8", "--synthetic-size", "40", "--synthetic-length", "1", "--synthetic-val-length", "2",
-            "--device", "cpu", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "best.pt")]
-    args = train.parse_args(["--method", "specialize_fuse"] + argv)
+@pytest.mark.parametrize("taken", [0, 1, 2, 3])
+def test_table9_scores_each_level_as_the_evaluated_output_is_upsampled(taken):
+    """Where the fusion takes level l everywhere, Table 9's level l is exactly the evaluated 'out'."""
+    strides, semantic, prob, target = level_inputs()
+    prob = [torch.full_like(p, float(l == taken)) for l, p in enumerate(prob)]   # level `taken` is unity
+    out, level = evaluated(semantic, prob, strides, target.shape[-2:], tau=0.9)
+    assert (level == taken).all()
+    confusion = sf.level_confusion({"semantic": semantic, "level": level}, target, 3)
+    assert torch.equal(confusion[taken, taken], common.confusion_matrix(out.argmax(1), target, 3))
+
+
+def saved_run(tmp_path, **state):
+    """A checkpoint in the layout train.py writes: 'model' and 'args' (every parsed flag)."""
+    import train                                           # only to produce the flags a real run saves
+    args = train.parse_args(["--method", "specialize_fuse", "--dataset", "synthetic", "--backbone", "resnet18",
+                             "--semantic-channels", "16", "--unity-channels", "8", "--synthetic-size", "40",
+                             "--synthetic-length", "1", "--synthetic-val-length", "2", "--device", "cpu"])
     args.num_classes = len(common.SYNTHETIC_CLASSES)
     torch.manual_seed(0)
     model = sf.build_model(args)
-    torch.save({"model": model.state_dict()}, tmp_path / "best.pt")    # the layout train.py writes
-    monkeypatch.setattr(sys, "argv", ["specialize_fuse.py"] + argv)
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "args": dict(vars(args)), **state}, path)
+    return model, args, str(path)
+
+
+def test_main_prints_table9_and_fig3_of_a_checkpoint(tmp_path, monkeypatch, capsys):
+    model, args, path = saved_run(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["specialize_fuse.py", "--checkpoint", path])   # the flags come from it
     runpy.run_path(sf.__file__, run_name="__main__")
     printed = capsys.readouterr().out
     val = common.build_datasets(args)[1]
-    expected = sf.markdown_tables(*sf.level_tables(sf.level_analysis(model, val, "cpu"), val.class_names))
-    assert expected in printed and "| pole |" in printed
+    confusion, fused = sf.level_analysis(model, val, "cpu")
+    assert sf.markdown_tables(*sf.level_tables(confusion, fused, val.class_names)) in printed
+    assert "| pole |" in printed
+    labelled = sum((val[i][1] != IGNORE_INDEX).sum() for i in range(len(val)))
+    assert fused.sum() == sum(confusion[l, l].sum() for l in range(4)) == labelled       # every labelled pixel
+
+
+def test_main_needs_the_flags_saved_in_the_checkpoint(tmp_path, monkeypatch):
+    _, _, path = saved_run(tmp_path)
+    torch.save({"model": torch.load(path, weights_only=True)["model"]}, path)          # no 'args'
+    monkeypatch.setattr(sys, "argv", ["specialize_fuse.py", "--checkpoint", path])
+    with pytest.raises(SystemExit, match="holds no training flags"):
+        runpy.run_path(sf.__file__, run_name="__main__")
+
+
+def test_the_file_does_not_import_train():
+    with open(sf.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "train" not in imported
+
+
+@pytest.mark.parametrize("flags", [{"output_format": "single", "relabel": "simple"},
+                                   {"output_format": "single", "tau": 0.5},
+                                   {"output_format": "single", "unity_channels": 32},
+                                   {"output_format": "single", "finest_target": "pixels"},
+                                   {"output_format": "single", "inference": "finest"},
+                                   {"output_format": "single", "context": "none", "pyramid_levels": 2},
+                                   {"inference": "finest", "relabel": "simple", "tau": 0.5}])
+def test_flags_that_change_nothing_are_errors(flags):
+    args = dict(output_format="pyramidal", context="ours", relabel=None, inference=None, pyramid_levels=None,
+                tau=None, finest_target=None, unity_channels=None, semantic_channels=16)
+    with pytest.raises(common.InputError, match="would change nothing"):
+        sf.build_model(argparse.Namespace(**{**args, **flags}))
