@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IGNORE_INDEX, InputError, SegModel, autocast, build_backbone, build_datasets, confusion_matrix,
-                    conv_bn_relu, cross_entropy, file_dataset, load_checkpoint, load_weights, resize,
+                    conv_bn_relu, cross_entropy, file_dataset, load_checkpoint, load_weights, ranged, resize,
                     segmentation_metrics)
 
 STRIDES = {2: (32, 4), 4: (32, 16, 8, 4)}      # cell sizes s_l, coarsest level first (Sec. 5.1.3, 5.4)
@@ -497,6 +497,22 @@ def level_analysis(model, dataset, device):
     return confusion, fused
 
 
+# Table 5 (512 x 512, batch 4 in training, an RTX 2080 Ti, HRNet-W48) for --benchmark --against-paper,
+# with the ResNet-101 variant (no HRNet here). Every quantity relative to the bare model (the
+# standard single output, no context module: the "HRNet48" row); the paper's FPS and it/s are
+# written as times (1000 / FPS ms), its memory in GB.
+PAPER_COSTS = dict(
+    title="Specialize and Fuse Table 5: cost relative to the bare model, 512 x 512, batch 4, ResNet-101",
+    flags=["--backbone", "resnet101", "--crop-size", "512", "--batch-size", "4"],
+    quantities={"test time": ("forward_ms", "relative"), "training step time": ("train_step_ms", "relative"),
+                "training memory": ("train_step_peak_mib", "relative"), "GFLOPs": ("gflops_forward", "relative")},
+    rows=[("bare (HRNet48 row)", ["--output-format", "single", "--context", "none"],
+           {"test time": 1000 / 28, "training step time": 1000 / 2.6, "training memory": 8.2}),
+          ("+ ANL", ["--output-format", "single", "--context", "anl"],
+           {"test time": 1000 / 26, "training step time": 1000 / 2.2, "training memory": 8.6}),
+          ("+ ours", [], {"test time": 1000 / 24, "training step time": 1000 / 2.0, "training memory": 8.9})])
+
+
 def add_args(parser):
     group = parser.add_argument_group("specialize_fuse: Specialize and Fuse (ICCV 2021)")
     group.add_argument("--output-format", choices=("pyramidal", "single"), default="pyramidal",
@@ -510,13 +526,13 @@ def add_args(parser):
                        help="fuse the pyramids by Eq. (2) (the default), or the finest level only (Table 8)")
     group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=None,
                        help="L: 4 levels of strides {32,16,8,4} (the default) or 2 of strides {32,4} (Sec. 5.4)")
-    group.add_argument("--tau", type=float, default=None,
+    group.add_argument("--tau", type=ranged(float, 0, 1), default=None,
                        help="unity threshold of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3; 0.9)")
     group.add_argument("--finest-target", choices=("cells", "pixels"), default=None,
                        help="supervise the finest level per 4x4 cell with mix cells ignored (Sec. 3.1, Eq. 1; "
                             "the default), or per pixel (a deviation: mix cells' pixels keep their labels)")
-    group.add_argument("--unity-channels", type=int, default=None, help="D_u of the unity head (Sec. 5.1.3; 64)")
-    group.add_argument("--semantic-channels", type=int, default=512, help="D_s of the semantic head (Sec. 5.1.3)")
+    group.add_argument("--unity-channels", type=ranged(int, 1), default=None, help="D_u of the unity head (Sec. 5.1.3; 64)")
+    group.add_argument("--semantic-channels", type=ranged(int, 1), default=512, help="D_s of the semantic head (Sec. 5.1.3)")
 
 
 def given_or(value, default):
