@@ -276,8 +276,8 @@ def against_paper_table(costs, results):
     lines = [f"{costs['title']}", "", "| row | quantity | paper | ours | ours / paper |", "|---|---|---|---|---|"]
     for (label, _, paper), r in zip(costs["rows"], results):
         for name, (key, mode) in costs["quantities"].items():
-            if mode == "added" and r is results[0]:
-                continue                                       # the reference adds nothing to itself
+            if mode == "added" and (r is results[0] or name not in paper):
+                continue                                       # nothing to put beside: the reference, a row without it
             ours, theirs = figure(r, key), paper.get(name)
             if mode != "absolute":
                 ours_ref, theirs_ref = figure(results[0], key), first_paper.get(name)
