@@ -13,7 +13,7 @@ import train  # noqa: E402
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 SCRIPTS = {"train.py": [], "specialize_fuse.py": ["--method", "specialize_fuse"]}
 METHOD_PLACEHOLDERS = {"METHOD", "NAME"}                   # run with every method in its place
-LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone"}       # torchrun's own
+LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone", "--index-url"}   # torchrun's and pip's own
 
 
 def readme_text():

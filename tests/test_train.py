@@ -14,6 +14,7 @@ from PIL import Image
 
 import common
 import train
+from tools import sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--method", "fcn", "--dataset", "synthetic", "--backbone", "resnet18", "--head-channels", "32",
@@ -176,7 +177,7 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
     assert r0["indexed"] == list(range(0, 16, 2)) and r1["indexed"] == list(range(1, 16, 2))
     cache, = [f for f in os.listdir(out) if f.startswith("class_uniform_synthetic_16_1024_")]
     with open(os.path.join(out, cache)) as f:
-        whole = common.class_centroids(common.SyntheticDataset(16, (40, 40), 0), progress=False)
+        whole = sampling.class_centroids(common.SyntheticDataset(16, (40, 40), 0), progress=False)
         assert json.load(f) == whole and sum(map(len, whole)) > 16
 
 
