@@ -193,7 +193,8 @@ def checkpoint_flags(path):
 
 def take_checkpoint_flags(args, saved, model_flags, given, path):
     """The model flags come from the checkpoint; one given on the command line must agree with it.
-    The dataset too, unless given (evaluate on another dataset of the same classes)."""
+    The dataset and its folder too, unless given (evaluate on another copy, or another dataset of
+    the same classes)."""
     for dest in model_flags:
         if dest not in saved:
             continue
@@ -201,8 +202,9 @@ def take_checkpoint_flags(args, saved, model_flags, given, path):
             raise common.InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from {path}'s "
                                     f"{saved[dest]}: leave the model flags out, the checkpoint carries them")
         setattr(args, dest, saved[dest])
-    if "dataset" not in given and "dataset" in saved:
-        args.dataset = saved["dataset"]
+    for dest in ("dataset", "data_root"):
+        if dest not in given and dest in saved:
+            setattr(args, dest, saved[dest])
 
 
 def default_out(args):

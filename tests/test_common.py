@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import common
 
@@ -468,3 +469,16 @@ def test_colour_alone_does_not_give_the_class():
     torch.manual_seed(0)
     miou = linear_probe_miou(range(20), range(1000, 1010))
     assert miou < 50, f"a per-pixel linear classifier on RGB reaches {miou} mIoU"
+
+
+def test_blur_blurs_every_crop_with_the_codes_sigma_range(monkeypatch):
+    """--blur as the HMSA code: every crop, sigma = 0.15 + U(0, 1) * 1.15 (not half the crops)."""
+    from PIL import ImageFilter
+    radii = []
+    real = ImageFilter.GaussianBlur
+    monkeypatch.setattr(common.ImageFilter, "GaussianBlur", lambda radius: radii.append(radius) or real(radius))
+    transform = common.TrainTransform(16, (1.0, 1.0), jitter=0, blur=True)
+    image, label = Image.fromarray(np.zeros((20, 20, 3), np.uint8)), np.zeros((20, 20), np.uint8)
+    for seed in range(40):
+        transform(image, label, np.random.default_rng(seed))
+    assert len(radii) == 40 and 0.15 <= min(radii) and max(radii) <= 1.30 and max(radii) > 1.15

@@ -318,3 +318,16 @@ def test_finetune_starts_the_layers_a_pretrained_model_never_had_fresh(tmp_path,
     for name, value in attention.state_dict().items():
         if name in pre and "running" not in name and "num_batches" not in name:
             assert torch.equal(value, pre[name]), name                     # lr 0: the file's weights
+
+
+def test_freeze_bn_keeps_every_batchnorm_fixed(tmp_path):
+    """--freeze-bn (GALD v2's coarse-data stage): against a run with lr 0 from the same seed, every
+    BatchNorm's running statistics and affine parameters are unchanged, and the convolutions trained."""
+    argv = TINY + ["--iters", "2", "--freeze-bn", "--seed", "3"]
+    trained, _ = train.main(argv + ["--out", str(tmp_path / "frozen")])
+    untouched, _ = train.main(argv + ["--lr", "0", "--out", str(tmp_path / "lr0")])
+    bn = {n for n, m in trained.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    moved = [name for (name, a), b in zip(trained.state_dict().items(), untouched.state_dict().values())
+             if not torch.equal(a, b)]
+    assert bn and not [name for name in moved if name.rsplit(".", 1)[0] in bn]
+    assert any(name.endswith("conv1.weight") for name in moved)

@@ -47,7 +47,10 @@ def parameter_counts(model):
 
 def count_flops(fn):
     """FLOPs of one call of fn(), as torch.utils.flop_counter counts them: convolutions and matrix
-    products (attention included), 2 per multiply-add; elementwise ops, pooling and resizing are free."""
+    products (the attention of NL, CGNL, Denoised NL, S&F and HMSA's heads included), 2 per
+    multiply-add; element-wise ops, pooling and resizing are free, and so is attention computed with
+    element-wise products: LDv2's k*k neighbour-by-neighbour logits and weighted sum (2 x k*k x C'
+    and 2 x k*k x C multiply-adds per pixel, 0.6 GFLOPs at a 65 x 65 map) are not in the count."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
