@@ -382,13 +382,15 @@ def die_with_parent(worker_id):
         pass
 
 
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def set_training_mode(model, freeze_bn):
     """model.train(), with every BatchNorm kept in eval mode under --freeze-bn."""
     model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    for m in batchnorms(model) if freeze_bn else []:
+        m.eval()
 
 
 def train_step(model, raw_model, optimizer, scaler, images, labels, args, device):
@@ -579,10 +581,8 @@ def build(args, device, rank):
     raw_model = METHODS[args.method][1](args).to(device)
     if args.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    if args.freeze_bn:
-        for m in raw_model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.requires_grad_(False)
+    for m in batchnorms(raw_model) if args.freeze_bn else []:
+        m.requires_grad_(False)                                # --freeze-bn: affine fixed too
     if args.compile:
         costs.compile_forward(raw_model, log=print if rank == 0 else lambda line: None)
     if args.checkpoint:
