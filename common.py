@@ -21,6 +21,7 @@ The method interface (README "The interface"): a method file has `add_args(parse
 import argparse
 import math
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -69,6 +70,11 @@ def resize(x, size, mode="bilinear"):
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def query_cell(pixel, size):
+    """The cell (y, x) of an (h, w) map at relative position pixel = (y, x) in [0, 1] (corners: 0 and 1)."""
+    return tuple(min(n - 1, max(0, round(r * (n - 1)))) for r, n in zip(pixel, size))
 
 
 def scaled_size(size, scale):
@@ -264,10 +270,9 @@ def load_pretrained(backbone, path):
     unexpected = [k for k in state if k not in own]
     shapes = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
     if missing or unexpected or shapes:
-        problems = [some_keys(kind, keys, shown=5) for kind, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
-        raise InputError(f"{path} does not fit the stem={backbone.stem!r} backbone (torchvision files need "
-                         f"--stem tv, deep-stem files --stem deep): {'; '.join(problems)}")
+        raise key_mismatch(path, f"the stem={backbone.stem!r} backbone (torchvision files need --stem tv, "
+                           f"deep-stem files --stem deep)",
+                           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)))
     backbone.load_state_dict(state, strict=True)
 
 
@@ -321,6 +326,19 @@ def some_keys(kind, keys, shown=3):
     return f"{len(keys)} {kind} key{'s' * (len(keys) != 1)} ({', '.join(keys[:shown])}{more})"
 
 
+def key_mismatch(path, subject, kinds, hint=""):
+    """InputError 'PATH does not fit SUBJECT: 2 missing keys (a, b); ...' for the non-empty (kind, keys)
+    pairs: the first few keys of each kind in the one-line message, every key in a text file it names."""
+    kinds = [(kind, keys) for kind, keys in kinds if keys]
+    with tempfile.NamedTemporaryFile("w", prefix="key-mismatch-", suffix=".txt", delete=False) as listing:
+        listing.write(f"{path} does not fit {subject}\n")
+        for kind, keys in kinds:
+            listing.write(f"\n{len(keys)} {kind}:\n")
+            listing.writelines(f"{key}\n" for key in keys)
+    summary = "; ".join(some_keys(kind, keys) for kind, keys in kinds)
+    return InputError(f"{path} does not fit {subject}: {summary}{hint}; every key in {listing.name}")
+
+
 def load_state(model, weights, path, finetune=False):
     """Load the state_dict `weights` (read from PATH) into model. Every key must fit, except with
     finetune: then the layers the file lacks (an attention head that a pre-trained model never had)
@@ -331,10 +349,9 @@ def load_state(model, weights, path, finetune=False):
     unexpected = [k for k in weights if k not in own]
     reshaped = [k for k in weights if k in own and weights[k].shape != own[k].shape]
     if unexpected or ((missing or reshaped) and not finetune):
-        problems = [some_keys(kind, keys) for kind, keys in
-                    (("unexpected", unexpected), ("missing", missing), ("mis-shaped", reshaped)) if keys]
         hint = " (--finetune starts missing and mis-shaped layers fresh)" if not unexpected else ""
-        raise InputError(f"{path} does not fit this model: {'; '.join(problems)}{hint}")
+        raise key_mismatch(path, "this model", (("unexpected", unexpected), ("missing", missing),
+                                                ("mis-shaped", reshaped)), hint)
     fresh = missing + reshaped
     if fresh:
         print(f"--finetune: {len(fresh)} keys start freshly initialised: {', '.join(fresh)}")
@@ -438,6 +455,11 @@ class SegModel(nn.Module):
     def maps(self, image, scales=(1.0,)):
         """The heat maps of `image` for --save-maps: name -> (B, M, h, w) in [0, 1]."""
         return self(image).get("maps", {})
+
+    def query_pixels(self):
+        """name -> relative (y, x) query pixel of the maps that show one pixel's attention (the
+        saved heat map marks query_cell(pixel, (h, w)) there); none by default."""
+        return {}
 
     def predict(self, image, scales=(1.0,), flip=False):
         """(B, K, H, W) logits at the image's size. One view returns its logits; several views

@@ -83,11 +83,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from common import (BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, ranged, resize,
-                    seg_head)
+from common import (BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, query_cell,
+                    ranged, resize, seg_head)
 from galdv1 import build_ga
 
 BLOCKS = ("denoised", "psp", "aspp", "none")
+MAP_NAMES = ("map1_A", "map2_A_gr", "map3_A_lr")                        # rows of A, A', A'' (Fig. 11)
 CLASS_MAPS = ("aux", "conv")
 
 
@@ -247,11 +248,11 @@ class DenoisedNLBlock(nn.Module):
         f_out = self.gamma * context.transpose(1, 2).reshape(B, C, H, W) + f     # (B, C, H, W)
         if self.training:
             return f_out, None
-        y, x = (min(n - 1, max(0, round(r * (n - 1)))) for r, n in zip(self.map_pixel, (H, W)))
+        y, x = query_cell(self.map_pixel, (H, W))
         with torch.no_grad():
             rows = self.attention(q, k, p, s_l, (H, W), slice(y * W + x, y * W + x + 1))  # 3 x (B, 1, N)
         rows = [m.float() / m.float().amax(-1, keepdim=True).clamp(min=1e-12) for m in rows]  # max 1
-        names = ("map1_A", "map2_A_gr", "map3_A_lr")                   # Fig. 11: maps #1, #2, #3
+        names = MAP_NAMES                                              # Fig. 11: maps #1, #2, #3
         return f_out, {n: m.view(B, 1, H, W) for n, m in zip(names, rows)}
 
 
@@ -327,6 +328,9 @@ class DenoisedNLNet(SegModel):
         if maps is not None:
             out["maps"] = maps
         return out
+
+    def query_pixels(self):
+        return {name: self.dnl.map_pixel for name in MAP_NAMES} if self.dnl is not None else {}
 
     def loss(self, outputs, target):
         main = cross_entropy(outputs["out"], target)

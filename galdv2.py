@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, ranged
+from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, query_cell, ranged
 from galdv1 import GALDHead, LocalDistribution, build_ga
 
 
@@ -144,7 +144,7 @@ class DynamicLocalDistribution(nn.Module):
         affinity (B, k*k, H, W) -> (B, 1, H, W), zero off the sampled positions; padded samples, which
         fall outside the map, are not drawn."""
         B, _, H, W = affinity.shape
-        y, x = round(pixel[0] * (H - 1)), round(pixel[1] * (W - 1))
+        y, x = query_cell(pixel, (H, W))
         canvas = affinity.new_zeros(B, 1, H, W)
         for n, (dy, dx) in enumerate(self.offsets()):
             if 0 <= y + dy < H and 0 <= x + dx < W:
@@ -224,6 +224,9 @@ class GALDv2(SegModel):
         if weights is not None and not self.training:                  # only --save-maps reads them (eval)
             out["maps"] = self.ld_maps(weights)
         return out
+
+    def query_pixels(self):
+        return {"affinity": self.affinity_pixel} if self.ld_kind == "v2" else {}
 
     def loss(self, outputs, target):
         return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)

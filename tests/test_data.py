@@ -704,6 +704,41 @@ def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
     assert bar[0].tolist() == [[128, 0, 0]] * predict.COLOUR_BAR and bar[-1].tolist() == [[0, 0, 128]] * predict.COLOUR_BAR
 
 
+@pytest.mark.parametrize("map_size,size", [((5, 5), (40, 40)), ((12, 15), (180, 240)), ((7, 3), (97, 50))])
+def test_displayed_centre_is_the_peak_of_a_resized_impulse(map_size, size):
+    """The marker's position: where resize() draws a one-cell impulse at its brightest (cells off the
+    border: a border cell's value stays flat from its centre to the edge)."""
+    for cell in [(1, 1), (map_size[0] // 2, map_size[1] - 2), (map_size[0] - 2, map_size[1] // 2)]:
+        impulse = torch.zeros(1, 1, *map_size)
+        impulse[0, 0, cell[0], cell[1]] = 1
+        shown = common.resize(impulse, size)[0, 0]
+        assert shown[predict.displayed_centre(cell, map_size, size)] >= shown.max() - 1e-6, cell  # ties: 1e-6
+
+
+@pytest.mark.parametrize("method,flags,names", [
+    ("galdv2", ["--affinity-pixel", "0.25", "0.75"], ["affinity"]),
+    ("denoised_nl", ["--map-pixel", "0.25", "0.75"], ["map1_A", "map2_A_gr", "map3_A_lr"])])
+def test_single_query_maps_ring_their_query_pixel(method, flags, names, tmp_path):
+    """LDv2's affinity (Fig. 9) and Denoised NL's attention rows (Fig. 11): a white ring with a black
+    edge around the query pixel, and the map untouched elsewhere."""
+    out = str(tmp_path / "run")
+    argv = ["--method", method] + TINY[2:6] + TINY[8:] + flags
+    model, _ = train.main(argv + ["--iters", "1", "--save-maps", "1", "--out", out])
+    image, _ = common.build_datasets(train.parse_args(argv))[1][0]
+    with torch.no_grad():
+        maps = model.eval()(image[None])["maps"]
+    assert sorted(model.query_pixels()) == names
+    for name in names:
+        cell = common.query_cell((0.25, 0.75), maps[name].shape[-2:])
+        y, x = predict.displayed_centre(cell, maps[name].shape[-2:], (40, 40))
+        saved = png(os.path.join(out, "maps", f"0000_{name}_0.png"))[:, :40]
+        r = predict.QUERY_RING
+        assert [saved[y + dy, x + dx].tolist() for dy, dx in [(-r, 0), (r, 0), (0, -r), (0, r)]] == [[255] * 3] * 4
+        assert [saved[y + dy, x + dx].tolist() for dy, dx in [(-r - 1, 0), (0, r + 1)]] == [[0] * 3] * 2
+        plain = np.asarray(predict.heatmap(common.resize(maps[name], (40, 40))[0, 0].clamp(0, 1).numpy()))
+        assert (saved != plain).any(-1).sum() < 80 and (saved[y - 2:y + 3, x - 2:x + 3] == plain[y - 2:y + 3, x - 2:x + 3]).all()
+
+
 def test_heatmap_is_the_jet_colour_map_clipped_to_0_1():
     colours = np.asarray(predict.heatmap(np.array([[0.0, 0.25, 0.5, 0.75, 1.0, -1.0, 2.0]])))[0]
     # jet by hand (r, g, b = 1.5 - |4v - 3|, |4v - 2|, |4v - 1|, clipped to [0, 1]): dark blue (0, 0, 0.5),

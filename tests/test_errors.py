@@ -109,8 +109,15 @@ def test_a_model_mismatch_is_one_short_line(run, tmp_path, capsys):
     argv = TINY[:]
     argv[argv.index("resnet18")] = "resnet34"
     err = fails(capsys, argv + ["--iters", "1", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "o")],
-                str(run / "best.pt"), "missing keys", "...")
-    assert len(err) < 400
+                str(run / "best.pt"), "missing keys", "...", "every key in ")
+    assert len(err) < 500
+    listing = err.rsplit("every key in ", 1)[1]
+    args = train.parse_args(argv)
+    own = train.METHODS[args.method][1](args).state_dict()                    # the resnet34 model
+    saved = torch.load(run / "best.pt", weights_only=True)["model"]
+    missing = [k for k in own if k not in saved]
+    assert len(missing) > 3 and open(listing).read().split() == (
+        f"{run / 'best.pt'} does not fit this model".split() + [str(len(missing)), "missing:"] + missing)
 
 
 def test_finetune_is_refused_with_eval_only_and_predict(run, capsys):

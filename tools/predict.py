@@ -122,8 +122,9 @@ def heatmap(values):
 COLOUR_BAR = 12                                                # pixels wide, plus a 2-pixel gap
 
 
-def with_colour_bar(values):
-    """heatmap(values) with a colour bar on its right: 1 at the top, 0 at the bottom, labelled."""
+def with_colour_bar(values, query=None):
+    """heatmap(values) with a colour bar on its right (1 at the top, 0 at the bottom, labelled) and,
+    for a map of one query pixel's attention, a ring around query = (y, x) in the map's pixels."""
     image = heatmap(values)
     W, H = image.size
     ramp = np.repeat(np.linspace(1, 0, H, dtype=np.float32)[:, None], COLOUR_BAR, 1)     # (H, bar)
@@ -133,7 +134,20 @@ def with_colour_bar(values):
     draw = ImageDraw.Draw(out)
     draw.text((W + 3 + COLOUR_BAR, 0), "1", fill="black")
     draw.text((W + 3 + COLOUR_BAR, max(H - 11, 0)), "0", fill="black")
+    if query is not None:
+        y, x = query
+        for radius, colour in ((QUERY_RING + 1, "black"), (QUERY_RING, "white")):   # white ring, black edge
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour)
     return out
+
+
+QUERY_RING = 4                                                 # pixels, the radius of the query marker
+
+
+def displayed_centre(cell, map_size, size):
+    """Where resize() (bilinear, align_corners=False) draws the centre of `cell` of an (h, w) map
+    shown at `size` = (H, W): ((i + 0.5) * H / h - 0.5, ...), rounded."""
+    return tuple(round((i + 0.5) * n / m - 0.5) for i, m, n in zip(cell, map_size, size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,10 +243,15 @@ class MapSaver:
         colorize(pred[0].cpu(), self.palette).save(os.path.join(self.folder, f"{index:04d}_pred.png"))
         with common.autocast(self.args.amp, image.device):
             maps = self.model.maps(image, tuple(self.args.eval_scales))
+        queries = self.model.query_pixels()
         for name, value in maps.items():
+            query = None
+            if name in queries:
+                query = displayed_centre(common.query_cell(queries[name], value.shape[-2:]), value.shape[-2:],
+                                         pred.shape[-2:])
             value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
             for m, channel in enumerate(value.clamp(0, 1).cpu()):
-                with_colour_bar(channel.numpy()).save(os.path.join(self.folder, f"{index:04d}_{name}_{m}.png"))
+                with_colour_bar(channel.numpy(), query).save(os.path.join(self.folder, f"{index:04d}_{name}_{m}.png"))
 
     def result(self, world):
         return {}
