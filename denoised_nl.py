@@ -252,8 +252,7 @@ class DenoisedNLBlock(nn.Module):
         with torch.no_grad():
             rows = self.attention(q, k, p, s_l, (H, W), slice(y * W + x, y * W + x + 1))  # 3 x (B, 1, N)
         rows = [m.float() / m.float().amax(-1, keepdim=True).clamp(min=1e-12) for m in rows]  # max 1
-        names = MAP_NAMES                                              # Fig. 11: maps #1, #2, #3
-        return f_out, {n: m.view(B, 1, H, W) for n, m in zip(names, rows)}
+        return f_out, {n: m.view(B, 1, H, W) for n, m in zip(MAP_NAMES, rows)}   # Fig. 11: maps #1-#3
 
 
 class DenoisedNLNet(SegModel):

@@ -120,6 +120,7 @@ def heatmap(values):
 
 
 COLOUR_BAR = 12                                                # pixels wide, plus a 2-pixel gap
+QUERY_RING = 4                                                 # pixels, the radius of the query marker
 
 
 def with_colour_bar(values, query=None):
@@ -139,9 +140,6 @@ def with_colour_bar(values, query=None):
         for radius, colour in ((QUERY_RING + 1, "black"), (QUERY_RING, "white")):   # white ring, black edge
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour)
     return out
-
-
-QUERY_RING = 4                                                 # pixels, the radius of the query marker
 
 
 def displayed_centre(cell, map_size, size):
