@@ -5,8 +5,9 @@ OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and 
 sliding window, multi-scale) -> the FCN baseline -> transforms, datasets and the training sampler.
 The extras (costs, prediction, boundary F-score, class-uniform sampling) live in tools/.
 
-Conventions (one home each): IGNORE_INDEX, the ImageNet mean/std, `resize` (the one interpolation
-policy: bilinear, align_corners=False), `poly_lr`.
+Conventions (one home each): IGNORE_INDEX, the ImageNet mean/std, the two interpolations (`resize`:
+bilinear, align_corners=False, for images and pooled bins; `upsample_strided`: a strided network map
+back to pixels, each sample where it was computed), `poly_lr`.
 
 The method interface (README "The interface"): a method file has `add_args(parser)` and
 `build_model(args)`; the model is a `SegModel` with
@@ -70,6 +71,26 @@ def resize(x, size, mode="bilinear"):
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def upsample_strided(x, size, stride):
+    """Up-sample a map made by convs of total stride `stride` (padding k // 2) to `size`, bilinearly,
+    each coarse sample j on the fine pixel stride * j its kernels were centred on (the authors' GALD and
+    Denoised NL code get this from align_corners=True at their stride * k + 1 crops; `resize` would put
+    sample j at stride * j + (stride - 1) / 2). Past the last sample its value repeats.
+    (B, C, h, w) -> (B, C, H, W) with h = ceil(H / stride), w = ceil(W / stride).
+
+    One replicated sample is appended to the coarse map; align_corners=True onto stride * h + 1 pixels
+    then reads fine pixel y at coarse position y / stride, and the first H x W of them are returned as a
+    view: a single full-size map is allocated, as by `resize`.
+    """
+    H, W = size
+    h, w = x.shape[-2:]
+    if not (stride * (h - 1) < H <= stride * h + 1 and stride * (w - 1) < W <= stride * w + 1):
+        raise ValueError(f"a ({h}, {w}) map of stride {stride} does not cover ({H}, {W})")
+    x = F.pad(x, (0, 1, 0, 1), mode="replicate")                              # (B, C, h + 1, w + 1)
+    x = F.interpolate(x, size=(stride * h + 1, stride * w + 1), mode="bilinear", align_corners=True)
+    return x[..., :H, :W]                                                     # (B, C, H, W)
 
 
 def query_cell(pixel, size):
@@ -158,8 +179,9 @@ DILATION_STYLES = ("pspnet", "torchvision")
 
 
 class ResNet(nn.Module):
-    """Dilated ResNet-18/34/50/101 returning the four stage outputs, at strides 4, 8, min(16, os) and
-    os of the output stride os (8: 4, 8, 8, 8; 16: 4, 8, 16, 16; 32: 4, 8, 16, 32).
+    """Dilated ResNet-18/34/50/101 returning the four stage outputs, at strides (`.strides`) 4, 8,
+    min(16, os) and os of the output stride os (8: 4, 8, 8, 8; 16: 4, 8, 16, 16; 32: 4, 8, 16, 32);
+    sample j of a stride-s output is centred on input pixel s * j.
 
     stem='tv': 7x7 conv (torchvision keys conv1, bn1). stem='deep': three 3x3 convs 3->64->64->128
     (CSAIL keys conv1, bn1, conv2, bn2, conv3, bn3), as the GALD / Denoised NL / PSPNet line uses.
@@ -204,6 +226,7 @@ class ResNet(nn.Module):
         for i, (planes, n, (stride, dil), grid) in enumerate(zip((64, 128, 256, 512), counts, plan, grids)):
             setattr(self, f"layer{i + 1}", self._make_layer(block, planes, n, stride, dil, grid))
         self.channels = tuple(p * block.expansion for p in (64, 128, 256, 512))
+        self.strides = (4, 8, min(16, output_stride), output_stride)   # of c1 .. c4
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -561,9 +584,10 @@ class FCN(SegModel):
 
     def forward(self, image):
         c1, c2, c3, c4 = self.backbone(image)
-        out = {"out": resize(self.head(c4), image.shape[-2:])}   # (B, K, H, W)
+        s3, s4 = self.backbone.strides[2:]
+        out = {"out": upsample_strided(self.head(c4), image.shape[-2:], s4)}   # (B, K, H, W)
         if self.training:
-            out["aux"] = resize(self.aux_head(c3), image.shape[-2:])
+            out["aux"] = upsample_strided(self.aux_head(c3), image.shape[-2:], s3)
         return out
 
     def loss(self, outputs, target):

@@ -12,7 +12,6 @@ GA features with strided depth-wise convolutions, and re-weights them: X_gald = 
 sees concat(X_gald, X) (Sec. 3.2, Fig. 2).
 
 Map from the code to the paper:
-    upsample_strided        Eq. (1)'s "upsample", aligned with the strided convs that made the map
     PooledBatchNorm         the BN of ASPP's image pooling and PSP's bins (one image per process)
     CGNL, HalfResolution    GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
     NonLocal, PSP, ASPP     the other GA modules of Table 1(a)/(b), Fig. 3(a)-(d)
@@ -73,27 +72,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head
+from common import (InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head,
+                    upsample_strided)
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: aligned up-sampling of a strided map, BatchNorm of a pooled map
-
-
-def upsample_strided(x, size, stride):
-    """Up-sample the output of 3x3 convs of total stride `stride` with padding 1 back to `size`,
-    bilinearly, each coarse sample on the fine pixel it was computed at.
-
-    Such convs centre coarse sample j on fine pixel stride * j, so fine pixel y reads the source
-    coordinate y / stride: align_corners=True onto the stride * (h - 1) + 1 fine pixels from the
-    first sample to the last, then the last sample is repeated over the fewer than `stride` pixels
-    past it. (B, C, h, w) -> (B, C, H, W), with h = ceil(H / stride), w = ceil(W / stride).
-    """
-    H, W = size
-    h, w = x.shape[-2:]
-    span = (stride * (h - 1) + 1, stride * (w - 1) + 1)       # fine pixels 0 .. stride * (h - 1)
-    x = F.interpolate(x, size=span, mode="bilinear", align_corners=True)     # (B, C, span_h, span_w)
-    return F.pad(x, (0, W - span[1], 0, H - span[0]), mode="replicate")      # (B, C, H, W)
+# Helper: BatchNorm of a pooled map
 
 
 class PooledBatchNorm(nn.BatchNorm2d):
@@ -372,8 +356,9 @@ class GALDHead(nn.Module):
     """Sec. 3.3, Eq. (3): a 3x3 conv of the block's output X_gald, concat with X (layer4), a 3x3
     conv and the 1x1 classifier; in training also the aux head on layer3. galdv2.py reuses it."""
 
-    def __init__(self, block_channels, c3, c4, num_classes, channels=512):
+    def __init__(self, block_channels, c3, c4, num_classes, channels=512, strides=(8, 8)):
         super().__init__()
+        self.strides = strides                                 # of layer3 and layer4
         # NOTE(paper-gap): a 3x3 conv after the block and a head of 3x3 conv/BN/ReLU (no dropout) -> 1x1
         # because the authors' GALDHead has them (convb, bottleneck in lxtGH/GALD-DGCNet
         # libs/models/GALDNet.py). The concat follows Eq. (3), (X_gald, X); the code's bottleneck takes
@@ -387,9 +372,11 @@ class GALDHead(nn.Module):
 
     def forward(self, x_gald, c3, c4, size):
         x_o = torch.cat([self.convb(x_gald), c4], 1)           # Eq. (3): concat(X_gald, X), (B, C + C4, h, w)
-        out = {"out": resize(self.head(x_o), size)}            # (B, K, H, W)
+        # NOTE(paper-gap): logit j lands on pixel 8j, where the backbone computed it, as the authors' loss
+        # (align_corners=True at their 8k + 1 crops, lxtGH/GALD-DGCNet libs/core/loss.py) puts it
+        out = {"out": upsample_strided(self.head(x_o), size, self.strides[1])}        # (B, K, H, W)
         if self.training:
-            out["aux"] = resize(self.aux_head(c3), size)       # (B, K, H, W)
+            out["aux"] = upsample_strided(self.aux_head(c3), size, self.strides[0])   # (B, K, H, W)
         return out
 
 
@@ -411,7 +398,7 @@ class GALD(SegModel):
         self.conva = conv_bn_relu(c4, channels, 3)
         self.block = GALDBlock(channels, ga=ga, ld=ld, arrangement=arrangement, ld_downsample=ld_downsample,
                                follow_code=follow_code, output_stride=output_stride)
-        self.decoder = GALDHead(self.block.out_channels, c3, c4, num_classes, channels)
+        self.decoder = GALDHead(self.block.out_channels, c3, c4, num_classes, channels, backbone.strides[2:])
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def forward(self, image):

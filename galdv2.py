@@ -191,7 +191,8 @@ class GALDv2(SegModel):
         # NOTE(paper-gap): the GALD v1 head (convb, Eq. 3 with layer4, 3x3 conv, 1x1) because the paper
         # builds on GALD v1 and describes no other; convb reads 2 x 512 channels only for 'local-first'
         widened = ld == "v2" and combine == "local-first"
-        self.decoder = GALDHead(2 * channels if widened else channels, c3, c4, num_classes, channels)
+        self.decoder = GALDHead(2 * channels if widened else channels, c3, c4, num_classes, channels,
+                                backbone.strides[2:])
         self.aux_weight, self.ohem = aux_weight, ohem
 
     def distribute(self, x_g, x_l):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import InputError, ResNet, resize  # noqa: E402
+from common import InputError, ResNet, resize, upsample_strided  # noqa: E402
 from galdv1 import (ASPP, CGNL, GALD, GALDBlock, HalfResolution, LocalDistribution, NonLocal,  # noqa: E402
-                    PooledBatchNorm, add_args, build_ga, build_model, upsample_strided)
+                    PooledBatchNorm, add_args, build_ga, build_model)
 
 
 def randomise_norms(module, seed=0):

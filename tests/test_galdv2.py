@@ -198,6 +198,7 @@ def test_head_flops_of_the_two_readings():
 class StubTrunk(torch.nn.Module):
     """Stands in for a ResNet-50/101 (stage widths only) to count the head's parameters fast."""
     channels = (256, 512, 1024, 2048)
+    strides = (4, 8, 8, 8)
 
 
 def head_params(model):
