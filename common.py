@@ -1,7 +1,7 @@
 """The core of segpapers: what every method file stands on, and nothing else.
 
-Reads top to bottom: conventions -> layers -> dilated ResNet and weight loading -> losses (CE,
-OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and inference (whole,
+Reads top to bottom: conventions -> layers -> dilated ResNet, HRNetV2 and weight loading -> losses
+(CE, OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and inference (whole,
 sliding window, multi-scale) -> the FCN baseline -> transforms, datasets and the training sampler.
 The extras (costs, prediction, boundary F-score, class-uniform sampling) live in tools/.
 
@@ -80,16 +80,19 @@ def upsample_strided(x, size, stride):
     sample j at stride * j + (stride - 1) / 2). Past the last sample its value repeats.
     (B, C, h, w) -> (B, C, H, W) with h = ceil(H / stride), w = ceil(W / stride).
 
-    One replicated sample is appended to the coarse map; align_corners=True onto stride * h + 1 pixels
-    then reads fine pixel y at coarse position y / stride, and the first H x W of them are returned as a
-    view: a single full-size map is allocated, as by `resize`.
+    align_corners=True onto stride * (n - 1) + 1 pixels reads fine pixel y at coarse position y / stride.
+    A side that is not of that length gets one replicated sample appended, and the first H (W) pixels of
+    the stride * n + 1 are kept, a view: one full-size map is allocated, at most stride - 1 rows and
+    columns larger than (H, W).
     """
     H, W = size
     h, w = x.shape[-2:]
-    if not (stride * (h - 1) < H <= stride * h + 1 and stride * (w - 1) < W <= stride * w + 1):
+    if not (stride * (h - 1) < H <= stride * h and stride * (w - 1) < W <= stride * w):
         raise ValueError(f"a ({h}, {w}) map of stride {stride} does not cover ({H}, {W})")
-    x = F.pad(x, (0, 1, 0, 1), mode="replicate")                              # (B, C, h + 1, w + 1)
-    x = F.interpolate(x, size=(stride * h + 1, stride * w + 1), mode="bilinear", align_corners=True)
+    pad_h, pad_w = int(H != stride * (h - 1) + 1), int(W != stride * (w - 1) + 1)
+    x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x   # (B, C, h', w')
+    span = (stride * (h - 1 + pad_h) + 1, stride * (w - 1 + pad_w) + 1)
+    x = F.interpolate(x, size=span, mode="bilinear", align_corners=True)
     return x[..., :H, :W]                                                     # (B, C, H, W)
 
 
@@ -284,26 +287,186 @@ def backbone_state_from_checkpoint(state, stem):
     return state
 
 
+# ----------------------------------------------------------------------------------------------
+# HRNetV2: Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition"
+# (TPAMI 2020; [23] of Specialize and Fuse, the trunk of HRNet-OCR in Hierarchical Multi-Scale
+# Attention Sec. 3.1). Sec. 3: a stem of two stride-2 3x3 convs, then stages that run parallel
+# branches at strides 4, 8, 16, 32 and repeatedly fuse them; Fig. 4 (b): the HRNetV2 feature is every
+# branch up-sampled to stride 4 and concatenated. Structure and key names as the authors' trunk,
+# HRNet/HRNet-Image-Classification lib/models/cls_hrnet.py (HighResolutionNet without its
+# classification head) and NVIDIA/semantic-segmentation network/hrnetv2.py: their files load as they are.
+
+# --backbone -> the authors' experiments/cls_hrnet_*.yaml: branch widths, Bottlenecks of layer1 and
+# their width, modules in stages 2/3/4, BasicBlocks per branch in each module.
+HRNET_LAYOUTS = {
+    "hrnet48": dict(widths=(48, 96, 192, 384)),
+    "hrnet32": dict(widths=(32, 64, 128, 256)),
+    "hrnet18": dict(widths=(18, 36, 72, 144)),
+    "hrnet18-small": dict(widths=(16, 32, 64, 128), layer1_blocks=1, layer1_width=32, modules=(1, 1, 1),
+                          blocks=2),                           # W18-small-v1, the authors' smallest
+}
+HRNET_IMAGENET_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+
+
+def conv_bn(in_ch, out_ch, kernel_size, stride=1):
+    """Conv (no bias) -> BN, no ReLU: a fuse path, summed with the others before the ReLU."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_ch))
+
+
+def fuse_path(widths, src, dst):
+    """Branch src brought to branch dst's resolution and width (Sec. 3, "repeated multi-resolution
+    fusions"; branches finest first). The same branch: as it is. A coarser one: 1x1 conv + BN (the
+    up-sampling follows in HRModule.fuse). A finer one: dst - src stride-2 3x3 convs with BN, ReLU
+    between them, the last one to dst's width."""
+    if src == dst:
+        return nn.Identity()
+    if src > dst:
+        return conv_bn(widths[src], widths[dst], 1)
+    steps = [conv_bn_relu(widths[src], widths[src], 3, stride=2) for _ in range(dst - src - 1)]
+    return nn.Sequential(*steps, conv_bn(widths[src], widths[dst], 3, stride=2))
+
+
+class HRModule(nn.Module):
+    """One HRNet module (Sec. 3): `blocks` BasicBlocks on every branch, then every branch i becomes
+    ReLU(sum over j of branch j brought to branch i). widths: of the branches, finest first."""
+
+    def __init__(self, widths, blocks):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(*[BasicBlock(w, w) for _ in range(blocks)]) for w in widths)
+        self.fuse_layers = nn.ModuleList(nn.ModuleList(fuse_path(widths, j, i) for j in range(len(widths)))
+                                         for i in range(len(widths)))
+
+    def fuse(self, xs):
+        """[(B, C_j, h_j, w_j) for each branch j] -> the same shapes, every branch fused."""
+        outputs = []
+        for i, paths in enumerate(self.fuse_layers):
+            total = None
+            for j, (path, x) in enumerate(zip(paths, xs)):
+                y = path(x)                                    # (B, C_i, h_j, w_j)
+                if j > i:
+                    # NOTE(paper-gap): bilinear, align_corners=False, to branch i's exact size, as
+                    # NVIDIA/semantic-segmentation network/hrnetv2.py (cfg.MODEL.ALIGN_CORNERS is False,
+                    # no recipe in its scripts/ sets it), which trained the released HMSA weights;
+                    # HRNet/HRNet-Image-Classification lib/models/cls_hrnet.py (the ImageNet file's
+                    # training) up-samples by nearest neighbour instead.
+                    y = resize(y, xs[i].shape[-2:])            # (B, C_i, h_i, w_i)
+                total = y if total is None else total + y      # summed in the authors' order, j = 0, 1, ...
+            outputs.append(F.relu(total))
+        return outputs
+
+    def forward(self, xs):
+        return self.fuse([branch(x) for branch, x in zip(self.branches, xs)])
+
+
+class HRNet(nn.Module):
+    """HRNetV2 returning its four branch outputs at strides (`.strides`) 4, 8, 16, 32, of widths
+    `.channels` (C, 2C, 4C, 8C); sample j of a stride-s output is centred on input pixel s * j, and an
+    (H, W) input gives ceil(H / s) x ceil(W / s) maps. `hrnet_features` makes the segmentation feature.
+
+    Stem (Sec. 3): two 3x3 stride-2 convs of 64 with BN and ReLU. Stage 1 (layer1): Bottlenecks of
+    width layer1_width (output 4x that). Each later stage adds one branch (transitionN: a stride-2 3x3
+    conv from the coarsest branch; a 3x3 conv where a kept branch changes width) and runs `modules`
+    HRModules. Defaults: W48, the trunk of both papers' HRNet48 rows.
+    """
+
+    def __init__(self, *, widths=(48, 96, 192, 384), layer1_blocks=4, layer1_width=64, modules=(1, 4, 3), blocks=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        stage1_width = layer1_width * Bottleneck.expansion
+        self.layer1 = nn.Sequential(Bottleneck(64, layer1_width, downsample=conv_bn(64, stage1_width, 1)),
+                                    *[Bottleneck(stage1_width, layer1_width) for _ in range(layer1_blocks - 1)])
+        previous = (stage1_width,)
+        for stage, n_modules in enumerate(modules, start=2):
+            current = widths[:stage]
+            setattr(self, f"transition{stage - 1}", self.transition(previous, current))
+            setattr(self, f"stage{stage}", nn.Sequential(*[HRModule(current, blocks) for _ in range(n_modules)]))
+            previous = current
+        self.channels = tuple(widths)
+        self.strides = (4, 8, 16, 32)                          # of the four branches
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # NOTE(paper-gap): He init (fan_out) as the project's ResNet and HRNet-Image-Classification
+                # lib/models/cls_hrnet.py init_weights; NVIDIA network/hrnetv2.py init_weights draws
+                # N(0, 0.001) instead, before loading the ImageNet file.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def transition(previous, current):
+        """Kept branches: as they are, or a 3x3 conv to the new width; the new branch: a stride-2 3x3
+        conv of the coarsest one (wrapped once more, as the authors' keys transitionN.K.0.0.*)."""
+        kept = [nn.Identity() if p == c else conv_bn_relu(p, c, 3) for p, c in zip(previous, current)]
+        new = nn.Sequential(conv_bn_relu(previous[-1], current[-1], 3, stride=2))
+        return nn.ModuleList([*kept, new])
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))                 # (B, 64, H/2, W/2)
+        x = self.relu(self.bn2(self.conv2(x)))                 # (B, 64, H/4, W/4)
+        xs = [self.layer1(x)]                                  # [(B, 4 * layer1_width, H/4, W/4)]
+        for stage in range(2, 5):
+            transition = getattr(self, f"transition{stage - 1}")
+            xs = [t(x) for t, x in zip(transition, xs + xs[-1:])]   # the new branch from the coarsest
+            xs = getattr(self, f"stage{stage}")(xs)            # [(B, C_i, H/s_i, W/s_i)] s_i = 4, 8, ...
+        return xs
+
+
+def hrnet_features(features):
+    """HRNetV2's segmentation feature (Fig. 4 (b)): the branch outputs b2..b4 up-sampled to b1's size and
+    concatenated with b1 (the 1x1 conv that mixes them belongs to the head that reads it).
+    [(B, C1, h1, w1), (B, C2, h2, w2), ...] -> (B, C1 + C2 + C3 + C4, h1, w1): 720 channels for W48."""
+    size = features[0].shape[-2:]
+    # NOTE(paper-gap): bilinear with align_corners=False (`resize`), as NVIDIA/semantic-segmentation
+    # network/hrnetv2.py forward does (cfg.MODEL.ALIGN_CORNERS False), so that its released weights give
+    # its outputs; not upsample_strided's alignment.
+    return torch.cat([features[0], *(resize(f, size) for f in features[1:])], dim=1)   # (B, sum C, h1, w1)
+
+
 def load_pretrained(backbone, path):
-    """Load a local ImageNet checkpoint into `backbone`; any missing, unexpected or mis-shaped key
-    raises InputError listing them (never a silent partial load)."""
-    state = backbone_state_from_checkpoint(load_checkpoint(path, "pretrained weights"), backbone.stem)
+    """Load a local ImageNet checkpoint into `backbone` (a ResNet or an HRNet); any missing, unexpected
+    or mis-shaped key raises InputError listing them (never a silent partial load). An HRNet file's
+    classification head (cls_hrnet.py's incre_modules, downsamp_modules, final_layer, classifier) is
+    dropped, and named in one printed line."""
+    checkpoint = load_checkpoint(path, "pretrained weights")
+    if isinstance(backbone, HRNet):
+        state = backbone_state_from_checkpoint(checkpoint, stem=None)
+        head = [k for k in state if k.startswith(HRNET_IMAGENET_HEAD)]
+        state = {k: v for k, v in state.items() if k not in head}
+        subject = (f"the HRNetV2 trunk of widths {backbone.channels} (an HRNet-Image-Classification "
+                   f"hrnetv2_w<C>_imagenet_pretrained.pth fits --backbone hrnet<C>)")
+    else:
+        state, head = backbone_state_from_checkpoint(checkpoint, backbone.stem), []
+        subject = (f"the stem={backbone.stem!r} backbone (torchvision files need --stem tv, "
+                   f"deep-stem files --stem deep)")
     own = backbone.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
     if missing or unexpected or shapes:
-        raise key_mismatch(path, f"the stem={backbone.stem!r} backbone (torchvision files need --stem tv, "
-                           f"deep-stem files --stem deep)",
-                           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)))
+        raise key_mismatch(path, subject, (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)))
     backbone.load_state_dict(state, strict=True)
+    if head:
+        parts = ", ".join(dict.fromkeys(k.split(".")[0] for k in head))
+        print(f"--pretrained {path}: {len(state)} trunk entries loaded; the ImageNet classification head "
+              f"dropped ({len(head)} entries: {parts})")
 
 
-def build_backbone(args, output_stride=None):
-    """The ResNet of --backbone/--stem/--output-stride/--multi-grid/--dilation-style, with --pretrained loaded."""
-    net = ResNet(depth=int(args.backbone.replace("resnet", "")), stem=args.stem,
-                 output_stride=output_stride or args.output_stride, multi_grid=args.multi_grid,
-                 dilation_style=args.dilation_style)
+def build_backbone(args, output_stride=None, hrnet=False):
+    """The trunk of --backbone with --pretrained loaded: a ResNet of --stem/--output-stride (or
+    `output_stride`)/--multi-grid/--dilation-style, or an HRNetV2 (--backbone hrnet*), which only a
+    caller whose paper uses it at stride 4 accepts (hrnet=True); any other method refuses it."""
+    if args.backbone in HRNET_LAYOUTS:
+        if not hrnet:
+            raise InputError(f"--method {args.method} is built on a dilated ResNet's stride-8 features and "
+                             f"takes no --backbone {args.backbone} (HRNetV2 is for specialize_fuse and hier_ms_attn)")
+        net = HRNet(**HRNET_LAYOUTS[args.backbone])
+    else:
+        net = ResNet(depth=int(args.backbone.replace("resnet", "")), stem=args.stem,
+                     output_stride=output_stride or args.output_stride, multi_grid=args.multi_grid,
+                     dilation_style=args.dilation_style)
     if args.pretrained:
         load_pretrained(net, args.pretrained)
     return net

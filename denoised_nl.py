@@ -19,6 +19,7 @@ Map from the code to the paper:
     local_retention      Sec. III-E, Fig. 4(b): A'' from the local windows of A' and S_l
     LocalRetention       the autograd Function behind it: forward, and a backward into one buffer
     DenoisedNLBlock      Sec. III-C to III-E, Eqs. (3)-(4): Q, K, V, A, A', A'', F'
+    class_map_step       Sec. III-D: which layer3 samples GR's P is read at (F's own, see Alignment)
     DenoisedNLNet        Sec. III-B (head on concat(X, F', global context)), Sec. III-F (dilated
                          ResNet at 1/8, deep supervision on res2/res3, Eq. (5)); `block` swaps the
                          Denoised NL for Table III's PPM / ASPP (galdv1.py's modules) or for nothing
@@ -37,14 +38,25 @@ supervised, and sigmoid(P^T P) of an unsupervised map has no class meaning. Tabl
 at +7.83 GFLOPs, +0.20 over the plain non-local block's +7.63. At its 1x512x48x48 input (N = 2304,
 K = 19; convolutions and matrix products, 2 FLOPs per multiply-add) the non-local block counts 7.625
 GFLOPs and P^T P adds 2 N^2 K = 0.202: 7.827, the paper's 7.83, with P supplied from outside the
-block. A 1x1 conv 512 -> 19 on F would add 0.045 more (7.87). So the measured model took P from
-outside, as model.py does: the softmax of the supervised layer3 (res3) aux head. class_map='aux' (the
-default) does that: P = softmax of the layer3 aux logits resized to the 1/16 grid; in paper mode that
-head is Sec. III-F's "linear function" (a 1x1 conv), supervised by Eq. (5)'s lambda2 term, so P is
-still predicted "via a 1x1 convolutional layer", on res3 instead of F. GR's gradient reaches that
-head, and it also runs in eval (at 768 x 768: +0.36 GFLOPs for the 1x1 head, +87.2 for follow_code's
-3x3 head, which model.py also runs in eval). class_map='conv' is Sec. III-D's literal reading (a 1x1
-conv on F, with a bias, no loss of its own).
+block. Like the paper's counter, evidently, this leaves out the element-wise work: Local Retention's
+k*k-term sum, 2 k^2 N^2 = 0.0956 GFLOPs at k = 3 (a multiply-add per term of the whole window, as
+model.py's unfold computes it), and A * P_class, N^2 = 0.0053: 0.1009 GFLOPs in all (7.93 with them),
+besides the softmax and the sigmoids. A 1x1 conv 512 -> 19 on F would add 0.045 (7.87). So the
+measured model took P from outside, as model.py does: the softmax of the supervised layer3 (res3) aux
+head. class_map='aux' (the default) does that: P = softmax of the layer3 aux logits read at F's own
+samples (see Alignment); in paper mode that head is Sec. III-F's "linear function" (a 1x1 conv),
+supervised by Eq. (5)'s lambda2 term, so P is still predicted "via a 1x1 convolutional layer", on
+res3 instead of F. GR's gradient reaches that head, and it also runs in eval (at 768 x 768: +0.36
+GFLOPs for the 1x1 head, +87.2 for follow_code's 3x3 head, which model.py also runs in eval).
+class_map='conv' is Sec. III-D's literal reading (a 1x1 conv on F, with a bias, no loss of its own).
+
+Alignment (as model.py at its 769 = 8 * 96 + 1 crops, where align_corners=True puts every strided
+sample on the pixel it was computed at). A conv stack of total stride s with padding k // 2 computes
+its sample j at input pixel s * j; every up-sampling keeps it there (common.upsample_strided): the
+logits of layer4 and of the layer3 / layer2 aux heads onto the image, F' (stride 2 over X) onto X's
+grid. GR reads P at F's own samples: the stride-2 Reduction computed F's sample i at X's sample 2i,
+so P is the layer3 logits' sample (2 s4 / s3) * i (every second sample when layer3 and layer4 share
+a stride), which model.py's align_corners=True resize of those logits returns at its crops.
 
 Index convention (as model.py): A[i, j] is query i attending to key j, softmax over j;
 A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], the window runs over the KEY index j, offsets d in
@@ -65,8 +77,8 @@ NOTE(paper-gap) at their lines. Also: "res2/res3" of Sec. III-F are the outputs 
 non-local formulation, GR and LR off (Eqs. 3-4, Q/K of 64 channels and the gamma residual), not Wang
 et al.'s block with its W_z projection and BN; Table IV's other rows (OCNet, CCNet, DANet, DRANet) are
 other papers' modules and are not implemented.
-Deviations: bilinear resizing uses the project's align_corners=False (model.py: True); plain PyTorch
-init (model.py: kaiming_normal_(a=1) on every conv); BN, not SyncBN, unless train.py converts it.
+Deviations: plain PyTorch init (model.py: kaiming_normal_(a=1) on every conv); BN, not SyncBN,
+unless train.py converts it.
 
 follow_code=True changes exactly these (model.py, where it disagrees with the paper):
     - no global-average-pooling branch: the head sees concat(X, F') only;
@@ -84,7 +96,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from common import (BasicBlock, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy, query_cell,
-                    ranged, resize, seg_head)
+                    ranged, seg_head, upsample_strided)
 from galdv1 import build_ga
 
 BLOCKS = ("denoised", "psp", "aspp", "none")
@@ -193,7 +205,7 @@ class DenoisedNLBlock(nn.Module):
     """Sec. III-C to III-E: non-local attention A (Eq. 4), GR (A' = A * P_class), LR (A''), Eq. (3).
     With both GR and LR off it is the plain non-local block F' = gamma * softmax(Q K^T) V + F.
     class_conv: GR's P from the block's own 1x1 conv on F (Sec. III-D's literal reading); False (the
-    default, as model.py and Table V's FLOPs): P from coarse logits passed to forward."""
+    default, as model.py and Table V's FLOPs): P from coarse logits on F's grid passed to forward."""
 
     def __init__(self, channels, num_classes, *, key_channels=64, global_rectifying=True,
                  local_retention=True, window_size=3, class_conv=False, map_pixel=(0.5, 0.5),
@@ -224,7 +236,8 @@ class DenoisedNLBlock(nn.Module):
         return a, a_gr, a_lr
 
     def forward(self, f, coarse_logits=None):
-        """f: F (B, C, H, W); coarse_logits (B, K, h', w'): GR's P when the block has no 1x1 conv.
+        """f: F (B, C, H, W); coarse_logits (B, K, H, W), read at F's samples: GR's P when the
+        block has no 1x1 conv.
         Returns F' (B, C, H, W) and, in eval, the maps of one query pixel (else None)."""
         B, C, H, W = f.shape
         q = self.query(f)                                              # (B, C', H, W)
@@ -232,9 +245,10 @@ class DenoisedNLBlock(nn.Module):
         v = self.value(f).flatten(2).transpose(1, 2)                   # (B, N, C)
         p = s_l = None
         if self.global_rectifying:
-            if self.classifier is None and coarse_logits is None:
-                raise ValueError("DenoisedNLBlock without its 1x1 class conv needs coarse_logits for GR")
-            logits = self.classifier(f) if self.classifier is not None else resize(coarse_logits, (H, W))
+            if self.classifier is None and (coarse_logits is None or coarse_logits.shape[-2:] != (H, W)):
+                raise ValueError(f"DenoisedNLBlock without its 1x1 class conv needs coarse_logits on F's "
+                                 f"{H} x {W} grid for GR")
+            logits = self.classifier(f) if self.classifier is not None else coarse_logits   # (B, K, H, W)
             # NOTE(paper-gap): P = softmax over classes of the coarse logits because model.py does so
             # (the paper calls P_coarse a segmentation result, not a distribution)
             p = logits.softmax(1).flatten(2)                           # (B, K, N)
@@ -253,6 +267,17 @@ class DenoisedNLBlock(nn.Module):
             rows = self.attention(q, k, p, s_l, (H, W), slice(y * W + x, y * W + x + 1))  # 3 x (B, 1, N)
         rows = [m.float() / m.float().amax(-1, keepdim=True).clamp(min=1e-12) for m in rows]  # max 1
         return f_out, {n: m.view(B, 1, H, W) for n, m in zip(MAP_NAMES, rows)}   # Fig. 11: maps #1-#3
+
+
+def class_map_step(strides):
+    """How far apart F's samples lie on the layer3 logits' grid, from the backbone's four strides:
+    F (the Reduction's stride 2 on layer4) has stride 2 * s4, layer3 s3. Sample step * i of the
+    layer3 logits is F's sample i."""
+    s3, s4 = strides[2:]
+    if 2 * s4 % s3:
+        raise InputError(f"denoised_nl: GR reads P at F's samples, but F's stride {2 * s4} is not a multiple "
+                         f"of layer3's stride {s3}; take P from a conv on F (class_map='conv')")
+    return 2 * s4 // s3
 
 
 class DenoisedNLNet(SegModel):
@@ -280,6 +305,7 @@ class DenoisedNLNet(SegModel):
         # Table V's +7.83 GFLOPs is the non-local block plus P^T P with P from outside the block (a 1x1
         # conv on F would make it 7.87) and model.py does so; Sec. III-D's conv on F is class_map='conv'
         self.p_from_aux = block == "denoised" and global_rectifying and class_map == "aux"
+        self.class_map_step = class_map_step(backbone.strides) if self.p_from_aux else None
         self.dnl = DenoisedNLBlock(channels, num_classes, key_channels=key_channels,
                                    global_rectifying=global_rectifying, local_retention=local_retention,
                                    window_size=window_size, class_conv=class_map == "conv",
@@ -303,27 +329,34 @@ class DenoisedNLNet(SegModel):
             self.aux2 = nn.Conv2d(c2, num_classes, 1)                  # Sec. III-F: "a linear function"
             self.aux3 = nn.Conv2d(c3, num_classes, 1)
         self.follow_code, self.aux_weights = follow_code, aux_weights
+        self.strides = backbone.strides                                # of layer1 .. layer4
 
     def forward(self, image):
         size = image.shape[-2:]
+        _, s2, s3, s4 = self.strides
         _, c2, c3, x = self.backbone(image)                            # x = X  (B, C4, H/8, W/8)
         aux3 = self.aux3(c3) if self.training or self.p_from_aux else None   # (B, K, H/8, W/8)
         f = self.reduction(x)                                          # F  (B, C, H/16, W/16)
         maps = None
         if self.dnl is not None:
-            f, maps = self.dnl(f, aux3 if self.p_from_aux else None)  # F'  (B, C, H/16, W/16)
+            # NOTE(paper-gap): P is read at F's own samples (no interpolation) because the
+            # align_corners=True resize of the layer3 logits in maggiesong7/DenoisedNL model.py
+            # returns exactly these at its 8k+1 crops; the paper does not say how P reaches F's grid
+            step = self.class_map_step
+            p_logits = aux3[..., ::step, ::step] if self.p_from_aux else None   # (B, K, H/16, W/16)
+            f, maps = self.dnl(f, p_logits)                            # F'  (B, C, H/16, W/16)
         elif self.multiscale is not None:
             f = self.multiscale(f)                                     # Table III: F' = PPM(F) / ASPP(F)
-        f = resize(f, x.shape[-2:])                                    # (B, C, H/8, W/8)
+        f = upsample_strided(f, x.shape[-2:], 2)                       # F's i on X's 2i  (B, C, H/8, W/8)
         if self.follow_code:
             feats = [x, self.post(f)]
         else:
             g = self.context(x.mean((2, 3), keepdim=True))             # GAP -> 1x1  (B, C, 1, 1)
             feats = [x, f, g.expand(-1, -1, *x.shape[-2:])]
-        out = {"out": resize(self.head(torch.cat(feats, 1)), size)}   # (B, K, H, W)
+        out = {"out": upsample_strided(self.head(torch.cat(feats, 1)), size, s4)}   # (B, K, H, W)
         if self.training:
-            out["aux_layer2"] = resize(self.aux2(c2), size)            # (B, K, H, W)
-            out["aux_layer3"] = resize(aux3, size)
+            out["aux_layer2"] = upsample_strided(self.aux2(c2), size, s2)            # (B, K, H, W)
+            out["aux_layer3"] = upsample_strided(aux3, size, s3)
         if maps is not None:
             out["maps"] = maps
         return out

@@ -38,23 +38,27 @@ Two readings of "we combine refined feature X_gald and original feature X_l for 
     convb(X_gald) ++ layer4. The sentence restates Eq. (3) ("the original input feature X and global
     aggregated feature ... are concatenated together for final segmentation head"), Fig. 5's caption
     has GALD output "a feature map with same size" as its input, and Table IV's rows then differ in
-    the LD module alone. Costs (ResNet-50, 512 x 512, no aux head): +0.66M parameters, +5.4 GFLOPs over
-    GA; Table VI's GALDv2 R101: 71.35M against the paper's 66.8M.
+    the LD module alone. Costs (ResNet-50, 512 x 512, no aux head): +1.57M parameters (Table IV:
+    +2.3M) and +12.9 GFLOPs over GA (Q/K width 64: +0.66M, +5.4 GFLOPs); Table VI's GALDv2 R101:
+    72.26M against the paper's 66.8M.
   - 'local-first': concat(X_gald, X_l) first, so convb reads 1024 channels, then Eq. (3) concatenates
-    layer4 as well: the head sees X_l twice. +3.02M, +24.7 GFLOPs (the widened convb alone is
-    +2.36M, +19.3 GFLOPs: more than Table IV's whole +2.3M at any Q/K width); GALDv2 R101 73.70M.
+    layer4 as well: the head sees X_l twice. +3.93M, +32.2 GFLOPs (the widened convb alone is
+    +2.36M, +19.3 GFLOPs: more than Table IV's whole +2.3M at any Q/K width); GALDv2 R101 74.62M.
 
 Paper gaps (each marked NOTE(paper-gap) at its line):
   - X_l = the 3x3 conv of layer4 that also feeds the GA; the head is GALD v1's (the authors' code).
-  - Q/K width C' = 64 (`key_channels`); V keeps C = 512 so X_gald has X_g's size.
+  - One width C' = C = 512 for Q, K and V: Eq. (4) gives W_theta, W_phi and W_g one width C', and
+    W_g's output X_gald has X_g's size (Fig. 5: "a feature map with same size"). `key_channels`
+    narrows Q/K alone (64 gives +0.66M).
   - The K conv has no bias: a key bias adds q_i . b to all k*k logits of position i and cancels in the
     softmax, so it could never learn. Q and V keep their bias.
   - No 1/sqrt(d) scaling of the logits: Eq. (8) has none.
   - Zero padding is of x, as the paper says ("zero padding is adopted to handle the border cases"):
     off-image samples are s(n) = 0, so their key is W_phi 0 = 0 (logit 0, they still take part in
     the softmax) and their value is W_g 0 + b_g = b_g. They are not masked out.
-  - Table II (b) is best at k=5, r=6 (the 80.8 quoted in Tables I d, IV), but the text says "k = 5 and
-    r = 3 is used for the remaining datasets": the default is k=5, r=3.
+  - k = 5, r = 6: every Cityscapes figure (the 80.8 that Tables I d, II c, III and IV quote) is Table
+    II (b)'s "+ASPP+LDv2 (k = 5, r = 6)"; "k = 5 and r = 3 is used for the remaining datasets", so the
+    ADE20K, Pascal Context, COCO-Stuff and CamVid recipes pass `--ld-dilation 3`.
   - No residual around LDv2: Eq. (8) and Fig. 5 (b) have none; X_l reaches the head through LDv2's
     input and, with 'local-first', through the concat.
 Implementation, not a deviation: the (B, C, k*k, H, W) tensor of sampled features is never built (see
@@ -62,7 +66,8 @@ DynamicLocalDistribution.forward); tests/test_galdv2.py proves the result equal,
 gradients, to the explicit unfold form of Eqs. (6)-(8).
 
 build_model refuses the LDv2 flags (--ld-combine, --ld-kernel, --ld-dilation, --ld-key-channels,
---key-input, --query-input, --affinity-pixel) with --ld v1 or none, where they change nothing.
+--key-input, --query-input, --affinity-pixel) with --ld v1 or none, where they change nothing, and
+--ga none with --ld none, a model that no table has.
 
 forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) in training,
 'maps' in eval only: {'affinity': (B, 1, h, w)} for ld=v2, {'ld_mask': (B, 1, h, w)} for ld=v1}.
@@ -86,14 +91,18 @@ class DynamicLocalDistribution(nn.Module):
 
     X_gald(i) = sum_n softmax_n(x_theta(i) . s_phi(n)) s_g(n), with s(n) = x(i + r * delta_n) the
     zero-padded samples of x = concat(X_g, X_l) (Eqs. 6-7), x_theta = W_theta x, s_phi = W_phi s,
-    s_g = W_g s, all 1x1 convolutions. key_input / query_input = 'global' feed X_g alone to W_phi /
-    W_theta instead of x (Table II c); the value always reads x (Eq. 6).
+    s_g = W_g s, all 1x1 convolutions of one width C' = C (Eq. 4; key_channels=None) unless
+    key_channels narrows W_theta and W_phi. key_input / query_input = 'global' feed X_g alone to
+    W_phi / W_theta instead of x (Table II c); the value always reads x (Eq. 6).
     forward(x_g, x_l) -> (X_gald (B, C, H, W), affinity (B, k*k, H, W)).
     """
 
-    def __init__(self, channels, *, kernel_size=5, dilation=3, key_channels=64,
+    def __init__(self, channels, *, kernel_size=5, dilation=6, key_channels=None,
                  key_input="concat", query_input="concat"):
         super().__init__()
+        # NOTE(paper-gap): Q/K width C' = C because Eq. (4) gives W_theta, W_phi and W_g one width C'
+        # and W_g's output X_gald has X_g's C channels (Fig. 5: "a feature map with same size")
+        key_channels = channels if key_channels is None else key_channels
         if kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
             raise InputError(f"LDv2 needs an odd kernel size and dilation >= 1, got k={kernel_size}, r={dilation}")
         if key_channels < 1:
@@ -104,8 +113,6 @@ class DynamicLocalDistribution(nn.Module):
         self.kernel_size, self.dilation = kernel_size, dilation
         self.key_input, self.query_input = key_input, query_input
         width = lambda choice: 2 * channels if choice == "concat" else channels
-        # NOTE(paper-gap): Q/K project to C' = 64 channels and V keeps C because the paper gives no
-        # width ("1x1 convolution for dimension reduction", Eq. 4) and X_gald must have X_g's size
         self.query = nn.Conv2d(width(query_input), key_channels, 1)                 # W_theta
         # NOTE(paper-gap): no key bias because q_i . b is the same for all k*k logits and cancels in Eq. (8)
         self.key = nn.Conv2d(width(key_input), key_channels, 1, bias=False)        # W_phi
@@ -163,12 +170,13 @@ class GALDv2(SegModel):
     ld='v2': X_gald = LDv2(X_g, X_l); combine='eq3' feeds X_gald to Eq. (3) directly, 'local-first'
     feeds concat(X_gald, X_l) (Fig. 5 b, the two readings of the module docstring); ld='v1': galdv1's
     LD, Eqs. (1)-(2); ld='none': X_g alone. ga='none' feeds X_l as X_g (Table I d / II b "+LDv2" rows).
-    Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux' (Sec. IV-B).
+    key_channels=None: Q/K as wide as V, C' = C (Eq. 4). Training adds 'aux' (layer3 head); loss =
+    OHEM CE on 'out' + aux_weight * CE on 'aux' (Sec. IV-B).
     Eval adds 'maps'; affinity_pixel: the (y, x) position, relative to the map, whose affinity it shows (Fig. 9).
     """
 
-    def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", combine="eq3", kernel_size=5, dilation=3,
-                 key_input="concat", query_input="concat", channels=512, key_channels=64,
+    def __init__(self, backbone, num_classes, *, ga="aspp", ld="v2", combine="eq3", kernel_size=5, dilation=6,
+                 key_input="concat", query_input="concat", channels=512, key_channels=None,
                  output_stride=8, aux_weight=0.4, ohem=True, affinity_pixel=(0.5, 0.5)):
         super().__init__()
         if combine not in ("eq3", "local-first"):
@@ -263,13 +271,16 @@ def add_args(parser):
     group.add_argument("--ld-combine", default=None, choices=["eq3", "local-first"],
                        help="LDv2 output into the head: eq3 = X_gald into Eq. (3)'s concat with layer4 "
                             "(default); local-first = concat(X_gald, X_l) before it (Fig. 5 b)")
-    # NOTE(paper-gap): k=5, r=3 because the text says so for all datasets, although Table II (b) peaks at r=6
     group.add_argument("--ld-kernel", type=ranged(int, 1), default=None,
                        help="LDv2 local kernel size k, k*k samples (Table II b; default 5)")
+    # NOTE(paper-gap): r = 6 because every Cityscapes figure (80.8 in Tables I d, II c, III, IV) is Table
+    # II (b)'s k = 5, r = 6 row; the text's r = 3 is "for the remaining datasets", whose recipes pass 3
     group.add_argument("--ld-dilation", type=ranged(int, 1), default=None,
-                       help="LDv2 sampling dilation rate r (Table II b; default 3)")
+                       help="LDv2 sampling dilation rate r (Table II b; default 6, Cityscapes; "
+                            "3 for the remaining datasets)")
     group.add_argument("--ld-key-channels", type=ranged(int, 1), default=None,
-                       help="LDv2 query/key width C' (default 64; the paper gives none)")
+                       help="LDv2 query/key width C' (default C = 512, one width for Q, K and V as "
+                            "in Eq. 4; 64 gives +0.66M instead of +1.57M)")
     group.add_argument("--key-input", default=None, choices=["concat", "global"],
                        help="LDv2 key from concat(X_g, X_l) (default) or from X_g only (Table II c 'Key' row)")
     group.add_argument("--query-input", default=None, choices=["concat", "global"],
@@ -281,6 +292,8 @@ def add_args(parser):
 
 
 def build_model(args):
+    if args.ga == "none" and args.ld == "none":
+        raise InputError("--ga none --ld none: neither GA nor LD, a model that no table of the paper has")
     ldv2 = {kw: getattr(args, flag) for flag, kw in LDV2_FLAGS.items() if getattr(args, flag) is not None}
     if ldv2 and args.ld != "v2":
         flags = ", ".join("--" + flag.replace("_", "-") for flag in LDV2_FLAGS if getattr(args, flag) is not None)

@@ -10,65 +10,63 @@ inference any list of scales is chained pair by pair, lower scales having the la
 bottom), so a model trained once is evaluated with 0.25x or 2.0x it never saw (Table 1).
 
 Map from the code to the paper
-    sigmoid_bce ............ the binary part of the RMI criterion; alone, the per-scale loss
-    rmi_loss ............... RMI [42], "the primary loss function under default settings" (Sec. 5.1),
-                             with the settings of the authors' code (0.5 * sigmoid BCE + 0.5 * RMI)
-    prediction_head ........ Sec. 3.1 semantic head; the attention head is the same with 1 output
+    sigmoid_bce, rmi_loss .. RMI [42], "the primary loss function" (Sec. 5.1), with the code's settings
+    prediction_head ........ Sec. 3.1 semantic head; attention_head: the same with 1 output
+    ASPP ................... DeepLab V3+'s pyramid, Table 1's model (caption)
+    object_regions ......... OCR [9] Eq. (1): soft object regions from the auxiliary logits
+    ObjectContext .......... OCR [9] Eqs. (2)-(3): pixel-region relation and object context
+    OCRHead ................ Sec. 3.1 HRNet-OCR: OCR block, auxiliary semantic head, semantic head
     hierarchical_chain ..... Eq. (1) chained over any list of scales (Fig. 2 right bottom)
     HierarchicalMultiScaleAttention
-      ._trunk .............. one image scale through the shared trunk (Fig. 2)
+      .decode .............. one scale's trunk features -> logits, aux logits, attention input
       ._hierarchical ....... Eq. (1): training pair and n-scale inference (Sec. 3, Fig. 2 right)
       ._explicit ........... the "explicit" baseline of Chen et al. [1] (Fig. 2 left, Table 1)
-      ._average ............ the "Single Scale" / "AvgPool" baselines of Table 1
-      .maps ................ each scale's share of the result (Fig. 3)
-      .predict ............. multi-scale inference at evaluation time (+ flip), Table 1 / Sec. 5.1
-    build_model ............ --ms-mode, --train-scales, --loss, --scale-loss-weight, --head-channels
+      ._average ............ the "Single Scale" / "AvgPool" baselines of Table 1 (Table 2's baseline)
+      .maps, .predict ...... Fig. 3's attention maps; multi-scale inference (+ flip), Sec. 5.1
+    build_model ............ --decoder, --ms-mode, --train-scales, --loss, --aux-loss, --cls-head, ...
+
+Decoders (--decoder): 'deeplab' (ResNet default, Table 1's caption: DeepLab V3+ on ResNet-50, heads
+on its 304-channel stride-4 feature, NVIDIA/semantic-segmentation network/mscale.py MscaleV3Plus);
+'ocr' (HRNet default, Sec. 3.1: HRNet-OCR, heads on the OCR features, network/ocrnet.py MscaleOCR);
+'none' (Sec. 3.1's text: heads on the trunk's last features, network/mscale.py MscaleBasic). Module
+names are NVIDIA's, so its state dicts load after dropping the 'module.' prefix.
 
 forward(image, scales=None) -> dict
     'out'           (B, K, H, W) logits at the image's size: training mode fuses the training scales
                     (default 0.5 1.0), eval mode returns the single-scale (1.0) prediction.
+    'aux'           training only, 'ocr' decoder: (B, K, H, W) auxiliary logits fused as 'out' is.
     'maps'          eval only, more than one scale (hierarchical or explicit mode): {"attn_<scale>":
                     (B, 1, H, W)}, each scale's weight in 'out' at every pixel; they sum to 1 (Fig. 3).
     'scale_logits'  training only, when scale_loss_weight > 0 and more than one scale ran:
                     {"<scale>": (B, K, H, W)} each scale's own prediction at the image's size.
-predict(image, scales, flip) builds only 'out': no maps, no per-scale full-size logits.
+predict(image, scales, flip) builds only 'out'.
 
-Choices and deviations (paper gaps are marked NOTE(paper-gap) at their lines)
-- Trunk and heads as Sec. 3.1 (dilated ResNet-50, output stride 8, heads on the last stage). The
-  authors dilate EVERY block of layer3 by 2 and of layer4 by 4 (NVIDIA/semantic-segmentation
-  network/utils.py, the conv2 of each block), which is common.ResNet's default dilation style.
-  Table 1 itself used DeepLab V3+ around the ResNet-50; we keep the plain Sec. 3.1 heads.
-- Heads 256 channels wide, final 1x1 convs without bias (network/utils.py make_attn_head).
-- n-scale order of NVIDIA/semantic-segmentation network/ocrnet.py MscaleOCR.nscale_forward: from the
-  largest scale down, a scale >= 1.0 is fused at its own input size (the running result is resized
-  to it first), a scale < 1.0 at the image's size. With one scale above 1.0 this is the same as
-  fusing everything at the image's size; with 1.5 and 2.0 it is not.
-- The attention head also runs on the top training scale (1.0x), output unused, so that its BN
-  running statistics see the same scales as the code's two_scale_forward.
-- Per-scale supervision: scale_loss_weight x the fused output's criterion without RMI (sigmoid BCE;
-  plain CE with loss='ce') on each scale's own output, as two_scale_forward with do_rmi=False;
-  0.05 in scripts/train_cityscapes*.yml, 0 (unset) in scripts/train_mapillary.yml.
-- RMI is shifted by the constant -0.5 * log det(5e-4 * I) / 9 per class so that it is >= 0 (at most
-  0.5 * log 2 per class for a perfect prediction); the gradients are exactly the code's.
-- No OCR aux head: the ResNet-50 model of Sec. 3.1 has none.
-- Explicit attention (Chen et al. [1], network/attnscale.py ASDV3P, with a softmax): the trunk
-  features of all training scales, resized to the 1.0x feature size and concatenated, feed a head of
-  the same shape as ours with one output per scale; softmax over scales; out = sum_s w_s * L_s. It
-  can only be evaluated with its training scales (or one scale alone), as the paper says of [1].
-- Table 1's "AvgPool" averages the logits of a single-scale-trained net; predict() averages logits
-  over scales and flips in every mode (utils/trnval_utils.py eval_minibatch).
+Choices (each marked NOTE(paper-gap) at its line; "the code" is NVIDIA/semantic-segmentation)
+- Up-sampling is bilinear with align_corners=False (cfg.MODEL.ALIGN_CORNERS), so that the code's
+  released weights give its outputs: a stride-s sample j lands on pixel s*j + (s-1)/2, not on s*j.
+- An image at scale s is floor(s*H) x floor(s*W) (network/mynn.py ResizeX). The n-scale chain runs
+  from the largest scale down, s >= 1.0 at its own size, s < 1.0 at the image's (nscale_forward).
+- The attention head also runs on the top training scale, for its BN statistics (two_scale_forward).
+- Losses: each training scale's own output gets the criterion without RMI x scale_loss_weight (0.05 in
+  the Cityscapes recipes, 0 in Mapillary's); OCR's aux logits are fused by the same attention, weight
+  0.4, cross-entropy (Sec. 5.1; --aux-loss bce is the code's); RMI is shifted by a constant to be >= 0.
+- Explicit attention (Chen et al. [1], network/attnscale.py ASDV3P) with a softmax over the scales; only
+  its training scales can be evaluated. "AvgPool" and flips average logits (utils/trnval_utils.py).
 """
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE_INDEX, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy,
-                    ranged, resize, scaled_size)
+from common import (HRNET_LAYOUTS, IGNORE_INDEX, InputError, ResNet, SegModel, build_backbone,
+                    conv_bn_relu, cross_entropy, hrnet_features, ranged, resize)
 
 DEFAULT_TRAIN_SCALES = {"hierarchical": (0.5, 1.0), "explicit": (0.5, 1.0, 2.0), "average": (1.0,)}
 CITYSCAPES_SCALE_LOSS_WEIGHT = 0.05        # scripts/train_cityscapes.yml supervised_mscale_loss_wt
+OCR_AUX_WEIGHT = 0.4                       # NVIDIA/semantic-segmentation config.py LOSS.OCR_ALPHA
+FINE_SKIP_CHANNELS = 48                    # DeepLab V3+'s stride-4 skip (network/mscale.py bot_fine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,16 +139,134 @@ def rmi_loss(logits, target, *, radius=3, pool=4, alpha=5e-4):
 
 
 # ----------------------------------------------------------------------------------------------
-# Heads (Sec. 3.1) and the hierarchical chain (Sec. 3, Eq. 1)
+# Heads (Sec. 3.1) and DeepLab V3+'s pyramid (Table 1)
 
 
 def prediction_head(in_ch, out_ch, mid_ch=256):
-    """Sec. 3.1 semantic head: (3x3 conv -> BN -> ReLU) x 2 -> 1x1 conv to out_ch. The attention head
-    is "structurally identical ... except for the final convolution, which outputs a single channel"."""
+    """Sec. 3.1 semantic head: (3x3 conv -> BN -> ReLU) x 2 -> 1x1 conv to out_ch, one flat Sequential
+    (keys 0, 1, 3, 4, 6 as NVIDIA network/mscale.py `final` and network/utils.py make_seg_head)."""
     # NOTE(paper-gap): 256 inner channels, final 1x1 conv without bias because the paper gives no
-    # widths (NVIDIA/semantic-segmentation network/utils.py make_attn_head).
-    return nn.Sequential(conv_bn_relu(in_ch, mid_ch, 3), conv_bn_relu(mid_ch, mid_ch, 3),
+    # widths (NVIDIA/semantic-segmentation network/utils.py make_seg_head, make_attn_head).
+    return nn.Sequential(*conv_bn_relu(in_ch, mid_ch, 3), *conv_bn_relu(mid_ch, mid_ch, 3),
                          nn.Conv2d(mid_ch, out_ch, 1, bias=False))
+
+
+def attention_head(in_ch, out_ch, mid_ch=256):
+    """Sec. 3.1: "structurally identical to the semantic head, except for the final convolutional
+    output" (one channel; a sigmoid follows). Keys conv0, bn0, conv1, bn1, conv2 as make_attn_head."""
+    names = ("conv0", "bn0", "re0", "conv1", "bn1", "re1", "conv2")
+    return nn.Sequential(OrderedDict(zip(names, prediction_head(in_ch, out_ch, mid_ch))))
+
+
+class ASPP(nn.Module):
+    """DeepLab V3+'s atrous spatial pyramid pooling at output stride 8, as NVIDIA network/utils.py
+    AtrousSpatialPyramidPoolingModule: image pooling, a 1x1 conv and three 3x3 convs of rates 12, 24,
+    36, each conv -> BN -> ReLU to `channels`, concatenated in that order: (B, 5 * channels, h, w)."""
+
+    def __init__(self, in_ch, channels=256, rates=(12, 24, 36)):
+        super().__init__()
+        self.img_conv = conv_bn_relu(in_ch, channels, 1)
+        self.features = nn.ModuleList([conv_bn_relu(in_ch, channels, 1)] +
+                                      [conv_bn_relu(in_ch, channels, 3, dilation=r) for r in rates])
+
+    def forward(self, x):
+        pooled = self.img_conv(F.adaptive_avg_pool2d(x, 1))                  # (B, C', 1, 1)
+        return torch.cat([resize(pooled, x.shape[-2:])] + [f(x) for f in self.features], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# HRNet-OCR (Sec. 3.1; OCR: Yuan, Chen, Wang, "Object-Contextual Representations for Semantic
+# Segmentation", ECCV 2020, [9]), with NVIDIA network/ocrnet.py OCR_block's and network/ocr_utils.py's
+# module names
+
+
+def bn_relu(channels):
+    """BN -> ReLU as one module (NVIDIA network/utils.py BNReLU: the BN of `conv, bn_relu` is key 1.0)."""
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
+
+
+def conv1x1_bn_relu(in_ch, out_ch, depth=1):
+    """depth x (1x1 conv without bias -> BN -> ReLU): OCR's transforms phi, psi, delta, rho."""
+    layers = []
+    for i in range(depth):
+        layers += [nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 1, bias=False), bn_relu(out_ch)]
+    return nn.Sequential(*layers)
+
+
+def object_regions(feats, aux_logits):
+    """OCR Eq. (1): f_k = sum_i m_ki x_i with m_k = the spatial softmax of class k's auxiliary logits.
+    (B, C, H, W), (B, K, H, W) -> (B, C, K, 1): the K region vectors as a K x 1 map."""
+    weights = aux_logits.flatten(2).softmax(-1)                              # (B, K, N)
+    regions = weights @ feats.flatten(2).transpose(1, 2)                     # (B, K, C)
+    return regions.transpose(1, 2).unsqueeze(-1)                             # (B, C, K, 1)
+
+
+class ObjectContext(nn.Module):
+    """OCR Eq. (2): w_ik = softmax_k(phi(x_i) . psi(f_k) / sqrt(C')); Eq. (3): y_i = rho(sum_k w_ik
+    delta(f_k)). phi, psi: two 1x1 conv-BN-ReLU; delta, rho: one each (network/ocr_utils.py
+    ObjectAttentionBlock, scale 1)."""
+
+    def __init__(self, channels, key_channels):
+        super().__init__()
+        self.f_pixel = conv1x1_bn_relu(channels, key_channels, 2)            # phi
+        self.f_object = conv1x1_bn_relu(channels, key_channels, 2)           # psi
+        self.f_down = conv1x1_bn_relu(channels, key_channels)                # delta
+        self.f_up = conv1x1_bn_relu(key_channels, channels)                  # rho
+
+    def forward(self, x, regions):
+        B, _, H, W = x.shape
+        query = self.f_pixel(x).flatten(2).transpose(1, 2)                   # (B, N, C')
+        key = self.f_object(regions).flatten(2)                              # (B, C', K)
+        value = self.f_down(regions).flatten(2).transpose(1, 2)              # (B, K, C')
+        # NOTE(paper-gap): the relation scaled by C'^-0.5 before the softmax because the paper's kappa
+        # is a plain dot product (NVIDIA network/ocr_utils.py ObjectAttentionBlock).
+        relation = (query @ key * key.shape[1] ** -0.5).softmax(-1)          # (B, N, K) Eq. (2)
+        context = (relation @ value).transpose(1, 2)                         # (B, C', N)
+        # contiguous, as the code's: a conv reads a transposed layout in another summation order
+        return self.f_up(context.contiguous().view(B, -1, H, W))             # (B, C, H, W) Eq. (3)
+
+
+class ContextAugmentation(nn.Module):
+    """OCR Eq. (4): z_i = g([y_i, x_i]), g = 1x1 conv -> BN -> ReLU -> dropout (network/ocr_utils.py
+    SpatialOCR_Module)."""
+
+    def __init__(self, channels, key_channels, dropout=0.05):
+        super().__init__()
+        self.object_context_block = ObjectContext(channels, key_channels)
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False),
+                                             bn_relu(channels), nn.Dropout2d(dropout))
+
+    def forward(self, feats, regions):
+        context = self.object_context_block(feats, regions)                 # (B, C, H, W)
+        return self.conv_bn_dropout(torch.cat([context, feats], 1))          # (B, C, H, W) Eq. (4)
+
+
+class OCRHead(nn.Module):
+    """Sec. 3.1 with HRNet-OCR: the auxiliary semantic head "takes its features directly from the HRNet
+    trunk" ((1x1 conv) -> BN -> ReLU -> (1x1 conv)); the OCR block (3x3 conv to mid_ch, regions from the
+    auxiliary logits, object context); the semantic head on the OCR features: the paper's
+    prediction_head (cls_head='paper') or the code's 1x1 conv with bias (cls_head='code', which
+    NVIDIA's released weights need). forward: (logits, aux logits, OCR features (B, mid_ch, h, w))."""
+
+    def __init__(self, in_ch, num_classes, *, mid_ch=512, key_ch=256, cls_head="paper", head_ch=256):
+        super().__init__()
+        self.conv3x3_ocr = nn.Sequential(nn.Conv2d(in_ch, mid_ch, 3, padding=1), bn_relu(mid_ch))
+        self.ocr_distri_head = ContextAugmentation(mid_ch, key_ch)
+        # NOTE(paper-gap): mid 512, key 256, dropout 0.05, biases on conv3x3_ocr and the aux head's
+        # convs because the paper gives no widths (NVIDIA network/ocrnet.py OCR_block, config.py MODEL.OCR).
+        self.aux_head = nn.Sequential(nn.Conv2d(in_ch, in_ch, 1), bn_relu(in_ch), nn.Conv2d(in_ch, num_classes, 1))
+        self.cls_head = (prediction_head(mid_ch, num_classes, head_ch) if cls_head == "paper"
+                         else nn.Conv2d(mid_ch, num_classes, 1))
+
+    def forward(self, x):
+        feats = self.conv3x3_ocr(x)                                          # (B, mid_ch, h, w)
+        aux = self.aux_head(x)                                               # (B, K, h, w)
+        ocr_feats = self.ocr_distri_head(feats, object_regions(feats, aux))  # (B, mid_ch, h, w)
+        return self.cls_head(ocr_feats), aux, ocr_feats
+
+
+# ----------------------------------------------------------------------------------------------
+# The hierarchical chain (Sec. 3, Eq. 1)
 
 
 def hierarchical_chain(preds, attention, size):
@@ -171,48 +287,102 @@ def hierarchical_chain(preds, attention, size):
     return resize(out, size)                                                 # (B, C, H, W)
 
 
+def scaled_image(image, scale):
+    """The image resized by `scale`: (B, 3, floor(s * H), floor(s * W)), each side at least 1."""
+    # NOTE(paper-gap): floor as NVIDIA network/mynn.py ResizeX (F.interpolate with scale_factor and
+    # recompute_scale_factor=True) because the paper gives no rounding; 1.0 returns the image itself.
+    return resize(image, [max(1, math.floor(n * scale)) for n in image.shape[-2:]])
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
 
+def training_scales(ms_mode, train_scales):
+    """The sorted training scales of `ms_mode` (its default when None), or InputError saying why not."""
+    scales = tuple(sorted(set(train_scales or DEFAULT_TRAIN_SCALES[ms_mode])))
+    if min(scales) <= 0:
+        raise InputError(f"training scales must be positive, got {scales}")
+    if ms_mode == "average" and scales != (1.0,):
+        raise InputError(f"--ms-mode average trains at scale 1.0 only, got --train-scales {scales}")
+    if ms_mode != "average" and len(scales) < 2:
+        raise InputError(f"--ms-mode {ms_mode} needs at least two training scales, got {scales}")
+    if ms_mode == "explicit" and 1.0 not in scales:
+        raise InputError(f"--ms-mode explicit needs 1.0 among its training scales, got {scales}")
+    return scales
+
+
 class HierarchicalMultiScaleAttention(SegModel):
-    """Dilated ResNet trunk shared by every scale, semantic head and attention head (Sec. 3.1),
+    """A trunk shared by every scale, a decoder, the semantic and attention heads (Sec. 3.1),
     combined across scales by `ms_mode`:
       hierarchical  Eq. (1) chained over any scales (ours, Fig. 2 right); trained with 0.5, 1.0
       explicit      one attention map per scale, softmax over scales (Chen et al. [1], Fig. 2 left);
                     trained with all its evaluation scales (default 0.5, 1.0, 2.0)
       average       single-scale training; multi-scale inference averages logits (Table 1 rows 1-3)
+    decoder: 'deeplab' (ResNet trunks, Table 1), 'ocr' (HRNet, Sec. 3.1), 'none' (heads on the trunk).
     scale_loss_weight weighs each training scale's own loss (0.05: Cityscapes recipe, 0: Mapillary's).
     """
 
-    def __init__(self, backbone, num_classes, *, ms_mode="hierarchical", train_scales=None,
-                 head_channels=256, loss="rmi", scale_loss_weight=CITYSCAPES_SCALE_LOSS_WEIGHT):
+    def __init__(self, backbone, num_classes, *, decoder="deeplab", ms_mode="hierarchical", train_scales=None,
+                 head_channels=256, aspp_channels=256, ocr_channels=(512, 256), cls_head="paper",
+                 loss="rmi", aux_loss="ce", scale_loss_weight=CITYSCAPES_SCALE_LOSS_WEIGHT):
         super().__init__()
-        scales = tuple(sorted(set(train_scales or DEFAULT_TRAIN_SCALES[ms_mode])))
-        if min(scales) <= 0:
-            raise InputError(f"training scales must be positive, got {scales}")
-        if ms_mode == "average" and scales != (1.0,):
-            raise InputError(f"--ms-mode average trains at scale 1.0 only, got --train-scales {scales}")
-        if ms_mode != "average" and len(scales) < 2:
-            raise InputError(f"--ms-mode {ms_mode} needs at least two training scales, got {scales}")
-        if ms_mode == "explicit" and 1.0 not in scales:
-            raise InputError(f"--ms-mode explicit needs 1.0 among its training scales, got {scales}")
+        scales = training_scales(ms_mode, train_scales)
         if scale_loss_weight < 0:
             raise InputError(f"--scale-loss-weight must be >= 0, got {scale_loss_weight}")
-        self.ms_mode, self.train_scales = ms_mode, scales
-        self.loss_type, self.scale_loss_weight = loss, scale_loss_weight
+        if decoder == "deeplab" and not isinstance(backbone, ResNet):
+            raise InputError("--decoder deeplab (Table 1's DeepLab V3+) reads a ResNet's layer1 and layer4")
+        self.decoder, self.ms_mode, self.train_scales = decoder, ms_mode, scales
+        self.loss_type, self.aux_loss, self.scale_loss_weight = loss, aux_loss, scale_loss_weight
         self.backbone = backbone
-        C4 = backbone.channels[3]
-        self.seg_head = prediction_head(C4, num_classes, head_channels)
+        # a ResNet's last stage, or HRNetV2's four outputs concatenated (720 channels for W48)
+        trunk_ch = backbone.channels[3] if isinstance(backbone, ResNet) else sum(backbone.channels)
+        if decoder == "deeplab":                                             # network/mscale.py MscaleV3Plus
+            # NOTE(paper-gap): plain 1x1 convs (no BN or ReLU) project the ASPP to 256 and layer1 to 48,
+            # and Sec. 3.1's heads read their stride-4 concat, because Table 1 only names "DeepLab V3+"
+            # (NVIDIA/semantic-segmentation network/mscale.py MscaleV3Plus, which trained Table 1).
+            self.aspp = ASPP(backbone.channels[3], aspp_channels)
+            self.bot_aspp = nn.Conv2d(5 * aspp_channels, aspp_channels, 1, bias=False)
+            self.bot_fine = nn.Conv2d(backbone.channels[0], FINE_SKIP_CHANNELS, 1, bias=False)
+            attn_ch = aspp_channels + FINE_SKIP_CHANNELS                     # 304
+            self.final = prediction_head(attn_ch, num_classes, head_channels)
+        elif decoder == "ocr":                                               # network/ocrnet.py MscaleOCR
+            self.ocr = OCRHead(trunk_ch, num_classes, mid_ch=ocr_channels[0], key_ch=ocr_channels[1],
+                               cls_head=cls_head, head_ch=head_channels)
+            attn_ch = ocr_channels[0]
+        else:                                                                # network/mscale.py MscaleBasic
+            self.cls_head = prediction_head(trunk_ch, num_classes, head_channels)
+            attn_ch = trunk_ch
         if ms_mode == "hierarchical":
-            self.attn_head = prediction_head(C4, 1, head_channels)
+            self.scale_attn = attention_head(attn_ch, 1, head_channels)
         elif ms_mode == "explicit":
-            self.attn_head = prediction_head(len(scales) * C4, len(scales), head_channels)
+            self.scale_attn = attention_head(len(scales) * attn_ch, len(scales), head_channels)
 
-    def _trunk(self, image, scale):
-        """The image resized by `scale` through the shared trunk: ((h, w) of that input, last stage)."""
-        x = resize(image, scaled_size(image.shape[-2:], scale))               # (B, 3, h, w)
-        return x.shape[-2:], self.backbone(x)[3]                             # (B, C4, h/8, w/8)
+    def decode(self, features):
+        """Trunk features of one scale -> (logits (B, K, h, w), aux logits or None, the attention
+        head's input (B, C, h, w)) at the decoder's stride (4 for 'deeplab' and HRNet, else 8)."""
+        if self.decoder == "deeplab":
+            aspp = self.bot_aspp(self.aspp(features[3]))                     # (B, 256, H/8, W/8)
+            fine = self.bot_fine(features[0])                                # (B, 48, H/4, W/4)
+            # up to stride 4 with align_corners=False, as the code's (see the NOTE in _scale)
+            feats = torch.cat([fine, resize(aspp, fine.shape[-2:])], 1)      # (B, 304, H/4, W/4)
+            return self.final(feats), None, feats
+        trunk = features[3] if isinstance(self.backbone, ResNet) else hrnet_features(features)
+        if self.decoder == "ocr":
+            return self.ocr(trunk)
+        return self.cls_head(trunk), None, trunk
+
+    def _scale(self, image, scale):
+        """The image at `scale` through trunk and decoder: (its input size (h, w), logits (B, K, h, w),
+        aux logits (B, K, h, w) in training with the 'ocr' decoder else None, attention input)."""
+        x = scaled_image(image, scale)                                       # (B, 3, h, w)
+        logits, aux, feats = self.decode(self.backbone(x))
+        # NOTE(paper-gap): logits, aux logits and attention (in the callers) are up-sampled to the
+        # scale's input size with align_corners=False, so that a stride-8 sample j lands on pixel
+        # 8j + 3.5 (not 8j, where it was computed), because NVIDIA's released weights were trained
+        # so (network/mynn.py Upsample, cfg.MODEL.ALIGN_CORNERS False); Sec. 3.1 says "bilinear".
+        aux = resize(aux, x.shape[-2:]) if aux is not None and self.training else None
+        return x.shape[-2:], resize(logits, x.shape[-2:]), aux, feats
 
     def _per_scale(self, logits, size):
         """Training with a per-scale loss: {"<scale>": (B, K, H, W)}; otherwise nothing is built."""
@@ -222,23 +392,23 @@ class HierarchicalMultiScaleAttention(SegModel):
 
     def _average(self, image, scales):
         """Table 1 "Single Scale" (one scale) and "AvgPool": the mean of the scales' logits."""
-        size = image.shape[-2:]
-        total = 0
+        size, totals = image.shape[-2:], {}
         for s in scales:
-            in_size, c4 = self._trunk(image, s)
-            total = total + resize(resize(self.seg_head(c4), in_size), size)  # (B, K, H, W)
-        return {"out": total / len(scales)}
+            _, logits, aux, _ = self._scale(image, s)
+            for name, value in (("out", logits), ("aux", aux)):
+                if value is not None:
+                    totals[name] = totals.get(name, 0) + resize(value, size)  # (B, K, H, W)
+        return {name: total / len(scales) for name, total in totals.items()}
 
     def _hierarchical(self, image, scales, with_maps):
         """Fig. 2 right: every scale's logits L_s and (all but the top scale) attention a_s at that
-        scale's input size, chained by hierarchical_chain (Eq. 1)."""
+        scale's input size, chained by hierarchical_chain (Eq. 1); aux logits by the same attention."""
         size = image.shape[-2:]
-        logits, attention = {}, {}
+        logits, aux, attention = {}, {}, {}
         for s in scales:
-            in_size, c4 = self._trunk(image, s)
-            logits[s] = resize(self.seg_head(c4), in_size)                    # (B, K, h, w)
+            in_size, logits[s], aux[s], feats = self._scale(image, s)
             if s != scales[-1]:
-                attention[s] = resize(self.attn_head(c4).sigmoid(), in_size)  # (B, 1, h, w)
+                attention[s] = resize(self.scale_attn(feats).sigmoid(), in_size)   # (B, 1, h, w)
             elif self.training:
                 # NOTE(paper-gap): the attention head also runs, output unused, on the top scale so
                 # that its BN running statistics mix the scales as the code's do (two_scale_forward
@@ -246,8 +416,12 @@ class HierarchicalMultiScaleAttention(SegModel):
                 # because the paper only says each scale "produces ... an attention mask". No grad:
                 # nothing flows back from an unused output anyway.
                 with torch.no_grad():
-                    self.attn_head(c4)
+                    self.scale_attn(feats)
         result = {"out": hierarchical_chain(logits, attention, size)}       # (B, K, H, W)
+        if aux[scales[0]] is not None:
+            # NOTE(paper-gap): the auxiliary logits fused by the same attention because the paper is
+            # silent (NVIDIA network/ocrnet.py two_scale_forward, nscale_forward).
+            result["aux"] = hierarchical_chain(aux, attention, size)        # (B, K, H, W)
         if with_maps:
             # each scale's weight: the chain run on a one-hot indicator of the scale (Fig. 3)
             indicator = {}
@@ -265,24 +439,28 @@ class HierarchicalMultiScaleAttention(SegModel):
             raise InputError(f"explicit attention was trained with scales {self.train_scales} and can "
                              f"only combine exactly those (or run one scale alone), got {scales}")
         size = image.shape[-2:]
-        logits, feats = {}, []
+        logits, aux, feats = {}, {}, []
         for s in scales:
-            in_size, c4 = self._trunk(image, s)
-            logits[s] = resize(resize(self.seg_head(c4), in_size), size)      # (B, K, H, W)
-            feats.append(c4)
+            _, logits[s], aux[s], f = self._scale(image, s)
+            logits[s] = resize(logits[s], size)                               # (B, K, H, W)
+            feats.append(f)
         ref = feats[scales.index(1.0)].shape[-2:]                             # 1.0x feature size (code)
-        feats = torch.cat([resize(f, ref) for f in feats], 1)                 # (B, S*C4, h, w)
+        feats = torch.cat([resize(f, ref) for f in feats], 1)                 # (B, S*C, h, w)
         # NOTE(paper-gap): softmax over the S maps as Chen et al. [1], because the code's variant
         # (NVIDIA/semantic-segmentation network/attnscale.py ASDV3P) is un-normalised.
-        weights = resize(self.attn_head(feats).softmax(1), size)              # (B, S, H, W)
+        weights = resize(self.scale_attn(feats).softmax(1), size)             # (B, S, H, W)
         result = {"out": sum(weights[:, i:i + 1] * logits[s] for i, s in enumerate(scales))}
+        if aux[scales[0]] is not None:
+            # NOTE(paper-gap): OCR's aux logits weighted as the logits because neither the paper nor
+            # the code combines them for [1] (network/attnscale.py has no OCR block).
+            result["aux"] = sum(weights[:, i:i + 1] * resize(aux[s], size) for i, s in enumerate(scales))
         if with_maps:
             result["maps"] = {f"attn_{s}": weights[:, i:i + 1].detach() for i, s in enumerate(scales)}
         return {**result, **self._per_scale(logits, size)}
 
     def fuse(self, image, scales, with_maps=False):
         """Run `scales` through the shared trunk and combine them by ms_mode: {'out' (B, K, H, W),
-        'maps' (with_maps, more than one scale), 'scale_logits' (training with a per-scale loss)}."""
+        'aux' (training, 'ocr'), 'maps' (with_maps, more than one scale), 'scale_logits'}."""
         scales = tuple(sorted(set(float(s) for s in scales)))
         if not scales or min(scales) <= 0:
             raise InputError(f"scales must be positive, got {scales}")
@@ -305,8 +483,9 @@ class HierarchicalMultiScaleAttention(SegModel):
         return self.fuse(image, scales, with_maps=not self.training)
 
     def loss(self, outputs, target):
-        """0.5 * sigmoid BCE + 0.5 * RMI on the fused output (or CE with loss='ce'), plus
-        scale_loss_weight * the same criterion without RMI on each training scale's own output."""
+        """0.5 * sigmoid BCE + 0.5 * RMI on the fused output (or CE with loss='ce'), plus 0.4 x the
+        auxiliary criterion (CE, or sigmoid BCE with aux_loss='bce') on the fused aux logits, plus
+        scale_loss_weight * the main criterion without RMI on each training scale's own output."""
         if self.loss_type == "rmi":
             bce, rmi = rmi_loss(outputs["out"], target)
             terms = {"bce": bce, "rmi": rmi}
@@ -314,12 +493,16 @@ class HierarchicalMultiScaleAttention(SegModel):
         else:
             terms = {"ce": cross_entropy(outputs["out"], target)}
             total = terms["ce"]
+        if "aux" in outputs:
+            # Sec. 5.1: "for the auxiliary segmentation head we use cross entropy" (NVIDIA's code:
+            # its criterion without RMI, sigmoid BCE, with LOSS.OCR_AUX_RMI False)
+            terms["aux"] = (cross_entropy if self.aux_loss == "ce" else sigmoid_bce)(outputs["aux"], target)
+            total = total + OCR_AUX_WEIGHT * terms["aux"]
         # NOTE(paper-gap): each scale's own output supervised with the criterion without RMI
         # (sigmoid BCE, or CE with loss='ce') x scale_loss_weight, because the paper never mentions
         # it (NVIDIA/semantic-segmentation network/ocrnet.py two_scale_forward, do_rmi=False; weight
         # supervised_mscale_loss_wt: 0.05 in scripts/train_cityscapes.yml, unset = 0 in
-        # scripts/train_mapillary.yml). Sec. 5.1's "cross-entropy for the auxiliary loss" is about
-        # HRNet-OCR's auxiliary head, which this ResNet model has not.
+        # scripts/train_mapillary.yml).
         per_scale = sigmoid_bce if self.loss_type == "rmi" else cross_entropy
         for s, logits in outputs.get("scale_logits", {}).items():
             terms[f"scale_{s}"] = per_scale(logits, target)
@@ -336,11 +519,12 @@ class HierarchicalMultiScaleAttention(SegModel):
         return out
 
 
-# Table 1 (Mapillary, ResNet-50, training cost relative to single scale; V100 minibatch times) for
-# --benchmark --against-paper, at 1 x 3 x 256 x 256 (the ratios do not depend on the size).
+# Table 1 (Mapillary, DeepLab V3+ ResNet-50, training cost relative to single scale; V100 minibatch
+# times) for --benchmark --against-paper, at 2 x 3 x 256 x 256 (the ratios do not depend on the size;
+# batch 2 because the BN after the ASPP's image pooling needs more than one value per channel).
 PAPER_COSTS = dict(
     title="HMSA Table 1: training FLOPs and minibatch time relative to single-scale training, ResNet-50",
-    flags=["--backbone", "resnet50", "--crop-size", "256", "--batch-size", "1"],
+    flags=["--backbone", "resnet50", "--crop-size", "256", "--batch-size", "2"],
     quantities={"FLOPS": ("gflops_train_step", "relative"), "minibatch time": ("train_step_ms", "relative"),
                 "peak memory (MiB)": ("train_step_peak_mib", "absolute")},
     rows=[("Single Scale", ["--ms-mode", "average"], {"FLOPS": 1.00, "minibatch time": 0.80}),
@@ -350,6 +534,10 @@ PAPER_COSTS = dict(
 
 def add_args(parser):
     group = parser.add_argument_group("hier_ms_attn: Hierarchical Multi-Scale Attention")
+    group.add_argument("--decoder", choices=("deeplab", "ocr", "none"), default=None,
+                       help="what the heads read (default: deeplab for ResNet trunks, ocr for HRNet): "
+                            "deeplab = DeepLab V3+, Table 1's model; ocr = HRNet-OCR, Sec. 3.1 and Tables "
+                            "2-4; none = the trunk's last features (Sec. 3.1's ResNet-50 text)")
     group.add_argument("--ms-mode", choices=("hierarchical", "explicit", "average"), default="hierarchical",
                        help="how scales are combined (Table 1): hierarchical = ours, Eq. (1) chained over "
                             "any --eval-scales; explicit = Chen et al. [1], one attention map per scale, "
@@ -367,16 +555,46 @@ def add_args(parser):
                             "0.05 for Cityscapes, the default; 0 for Mapillary); not with --ms-mode average")
     group.add_argument("--head-channels", type=ranged(int, 1), default=256,
                        help="inner width of the semantic and attention heads (Sec. 3.1; 256 in the code)")
+    group.add_argument("--aspp-channels", type=ranged(int, 1), default=None,
+                       help="--decoder deeplab: width of each ASPP branch and of its projection (256)")
+    group.add_argument("--ocr-channels", type=ranged(int, 1), nargs=2, default=None, metavar=("MID", "KEY"),
+                       help="--decoder ocr: OCR block width and key width (512 256, the code's)")
+    group.add_argument("--cls-head", choices=("paper", "code"), default=None,
+                       help="--decoder ocr: semantic head on the OCR features: paper = (3x3 conv, BN, "
+                            "ReLU) x 2 -> 1x1 (Sec. 3.1, the default); code = one 1x1 conv (NVIDIA's "
+                            "network/ocrnet.py cls_head; its released weights need it)")
+    group.add_argument("--aux-loss", choices=("ce", "bce"), default=None,
+                       help="--decoder ocr: auxiliary head's loss, weight 0.4: ce = cross-entropy (Sec. 5.1, "
+                            "the default); bce = the code's sigmoid BCE (its criterion without RMI)")
+
+
+def refuse_unused(given, reason):
+    """InputError naming the given flags (flag, value) whose value is not None: they would change nothing."""
+    named = [flag for flag, value in given if value is not None]
+    if named:
+        raise InputError(f"hier_ms_attn: {', '.join(named)} would change nothing: {reason}")
 
 
 def build_model(args):
+    hrnet = args.backbone in HRNET_LAYOUTS
+    decoder = args.decoder or ("ocr" if hrnet else "deeplab")
+    if decoder == "ocr" and not hrnet:
+        raise InputError(f"hier_ms_attn: --decoder ocr is HRNet-OCR (Sec. 3.1): it needs --backbone "
+                         f"{' | '.join(HRNET_LAYOUTS)}, got {args.backbone}")
+    if decoder == "deeplab" and hrnet:
+        raise InputError(f"hier_ms_attn: --decoder deeplab is Table 1's DeepLab V3+ on a ResNet; with "
+                         f"--backbone {args.backbone} use --decoder ocr or none")
     if args.ms_mode == "average":
-        given = [flag for flag, value in (("--train-scales", args.train_scales),
-                                          ("--scale-loss-weight", args.scale_loss_weight)) if value is not None]
-        if given:
-            raise InputError(f"hier_ms_attn: {', '.join(given)} would change nothing: --ms-mode average "
-                             f"trains one scale (1.0), so there are no scales to choose or supervise")
+        refuse_unused([("--train-scales", args.train_scales), ("--scale-loss-weight", args.scale_loss_weight)],
+                      "--ms-mode average trains one scale (1.0), so there are no scales to choose or supervise")
+    if decoder != "ocr":
+        refuse_unused([("--ocr-channels", args.ocr_channels), ("--cls-head", args.cls_head),
+                       ("--aux-loss", args.aux_loss)], f"--decoder {decoder} has no OCR block")
+    if decoder != "deeplab":
+        refuse_unused([("--aspp-channels", args.aspp_channels)], f"--decoder {decoder} has no ASPP")
     weight = CITYSCAPES_SCALE_LOSS_WEIGHT if args.scale_loss_weight is None else args.scale_loss_weight
     return HierarchicalMultiScaleAttention(
-        build_backbone(args), args.num_classes, ms_mode=args.ms_mode, train_scales=args.train_scales,
-        head_channels=args.head_channels, loss=args.loss, scale_loss_weight=weight)
+        build_backbone(args, hrnet=True), args.num_classes, decoder=decoder, ms_mode=args.ms_mode,
+        train_scales=args.train_scales, head_channels=args.head_channels, aspp_channels=args.aspp_channels or 256,
+        ocr_channels=tuple(args.ocr_channels or (512, 256)), cls_head=args.cls_head or "paper", loss=args.loss,
+        aux_loss=args.aux_loss or "ce", scale_loss_weight=weight)

@@ -30,7 +30,7 @@ CONFIGS = {
                     ["--follow-code", "--block", "none"], ["--follow-code", "--block", "aspp"]],
     "specialize_fuse": [[], ["--output-format", "single", "--context", "none"],
                         ["--output-format", "single", "--context", "anl"],
-                        ["--output-format", "single", "--context", "anl-multi"],
+                        ["--output-format", "single", "--context", "ours"],
                         ["--output-format", "single", "--context", "ours", "--pyramid-levels", "2"],
                         ["--context", "anl", "--relabel", "simple"],
                         ["--context", "anl-multi", "--relabel", "naive", "--inference", "finest"],
@@ -38,7 +38,14 @@ CONFIGS = {
                         ["--pyramid-levels", "2", "--relabel", "simple", "--inference", "finest"]],
     "hier_ms_attn": [[], ["--ms-mode", "explicit"], ["--ms-mode", "average"], ["--loss", "ce"],
                      ["--ms-mode", "explicit", "--train-scales", "0.5", "1.0", "--loss", "ce"],
-                     ["--train-scales", "0.25", "0.5", "1.0", "--scale-loss-weight", "0"]],
+                     ["--train-scales", "0.25", "0.5", "1.0", "--scale-loss-weight", "0"],
+                     ["--decoder", "none"], ["--aspp-channels", "32", "--ms-mode", "explicit"],
+                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--head-channels", "16"],
+                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--cls-head", "code",
+                      "--aux-loss", "bce", "--ms-mode", "average"],
+                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--ms-mode", "explicit",
+                      "--loss", "ce"],
+                     ["--backbone", "hrnet18-small", "--decoder", "none"]],
 }
 CASES = [(m, flags) for m, configs in CONFIGS.items() for flags in configs]
 

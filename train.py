@@ -75,7 +75,10 @@ def add_data_args(parser):
 
 def add_model_args(parser):
     g = parser.add_argument_group("model (a checkpoint carries these)")
-    g.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--backbone", default="resnet50",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101", *common.HRNET_LAYOUTS],
+                   help="resnet*: dilated ResNet; hrnet48/32/18/18-small: HRNetV2-W48/W32/W18/W18-small-v1 "
+                        "(stride-4 features; for specialize_fuse and hier_ms_attn)")
     g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
     g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
     g.add_argument("--multi-grid", type=common.ranged(int, 1), nargs="+",
@@ -179,6 +182,7 @@ def parse_args(argv=None):
         take_checkpoint_flags(args, saved, parser.model_flags, given_flags(parser, argv), known.checkpoint)
     args.out = args.out or default_out(args)
     check_flags(args)
+    refuse_resnet_flags(args, parser)
     return args
 
 
@@ -229,6 +233,17 @@ def check_flags(args):
         raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
     if args.eval_mode == "slide":
         common.check_window(args.eval_crop, args.eval_stride)
+
+
+def refuse_resnet_flags(args, parser):
+    """--stem, --output-stride, --multi-grid and --dilation-style shape a ResNet: with an HRNet
+    --backbone (fixed strides 4, 8, 16, 32) a value other than the default is refused."""
+    if args.backbone not in common.HRNET_LAYOUTS:
+        return
+    for dest in ("stem", "output_stride", "multi_grid", "dilation_style"):
+        if getattr(args, dest) != parser.get_default(dest):
+            raise common.InputError(f"--{dest.replace('_', '-')} shapes a dilated ResNet and means nothing with "
+                                    f"--backbone {args.backbone} (HRNetV2's strides are fixed: 4, 8, 16, 32)")
 
 
 def check_out_folder(path):

@@ -1,14 +1,17 @@
 """Math tests of denoised_nl.py: the memory-light A'' equals the authors' unfold formulation (values
 and gradients, gradcheck of its backward), GR/LR off is the plain non-local block, P_class is
 symmetric, no (B, N, k*k, N) tensor is ever built and the backward accumulates into one buffer,
-GR's class map comes from the supervised layer3 head by default (Table V's FLOPs), maps and
-deep-supervision wiring, flags that would change nothing, odd sizes."""
+GR's class map comes from the supervised layer3 head by default (Table V's FLOPs) and is read at
+F's own samples, every up-sampling puts a strided sample on the pixel it was computed at (an
+impulse through the whole model), maps and deep-supervision wiring, flags that would change
+nothing, odd sizes."""
 import argparse
 import os
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,14 +40,16 @@ def unfold_retention(a, s_l, size, window):
 
 
 def unfold_block(block, f, coarse_logits=None):
-    """The whole block written as the official code (unfold for S_l and A''), reusing its weights."""
+    """The whole block written as the official code (unfold for S_l and A''), reusing its weights.
+    coarse_logits: the layer3 logits on X's grid, resized to F's as model.py does (align_corners=True)."""
     B, C, H, W = f.shape
     N, kk, r = H * W, block.window_size ** 2, block.window_size // 2
     q, k = block.query(f), block.key(f)
     v = block.value(f).flatten(2).transpose(1, 2)
     a = torch.softmax(q.flatten(2).transpose(1, 2) @ k.flatten(2), -1)
     if block.global_rectifying:
-        logits = block.classifier(f) if coarse_logits is None else common.resize(coarse_logits, (H, W))
+        logits = block.classifier(f) if coarse_logits is None else \
+            F.interpolate(coarse_logits, (H, W), mode="bilinear", align_corners=True)
         p = logits.softmax(1).flatten(2)
         a = a * torch.sigmoid(p.transpose(1, 2) @ p)
     if block.local_retention:
@@ -185,15 +190,16 @@ def test_class_agreement_symmetric_and_bounded():
 
 @pytest.mark.parametrize("window,chunk,class_conv", [(3, 2048, False), (3, 7, False), (5, 4, False), (3, 7, True)])
 def test_block_matches_unfold_reference(window, chunk, class_conv):
-    """Default: GR's P from given (B, K, h', w') logits resized to the block's grid (their gradient
-    checked too); class_conv=True: from the block's own 1x1 conv on F."""
+    """Default: GR's P from layer3 logits on X's grid at the authors' crop sizes (2H - 1 samples for
+    F's H, 8k + 1 pixels): every second sample (what the model passes) equals model.py's
+    align_corners=True resize, values and gradients; class_conv=True: from the block's own 1x1 conv on F."""
     block = make_block(window_size=window, query_chunk=chunk, class_conv=class_conv).train()
     assert (block.classifier is not None) == class_conv
     f = torch.randn(2, 8, 5, 7, requires_grad=True, **D)
     logits = None if class_conv else torch.randn(2, 4, 9, 13, requires_grad=True, **D)
     inputs = [f] + ([] if class_conv else [logits])
     params = inputs + list(block.parameters())
-    out, _ = block(f, logits)
+    out, _ = block(f, None if class_conv else logits[..., ::2, ::2])
     g = torch.randn_like(out)
     (out * g).sum().backward()
     ours = grads(params)
@@ -208,10 +214,12 @@ def test_block_matches_unfold_reference(window, chunk, class_conv):
         assert b.abs().sum() > 0, f"{name} gets no gradient"
 
 
-def test_block_without_class_conv_needs_coarse_logits():
+def test_block_without_class_conv_needs_coarse_logits_on_its_grid():
     block = make_block()
     with pytest.raises(ValueError):
         block(torch.randn(1, 8, 3, 3, **D))
+    with pytest.raises(ValueError, match="3 x 3 grid"):
+        block(torch.randn(1, 8, 3, 3, **D), torch.randn(1, 4, 5, 5, **D))   # X's grid, not F's
 
 
 def test_without_gr_and_lr_is_the_non_local_block():
@@ -369,6 +377,117 @@ def test_baseline_without_attention(backbone):
     assert set(out) == {"out"} and out["out"].shape == (1, 5, 17, 17)
 
 
+# ----------------------------------------------------------------------------------------------
+# Alignment: every strided sample lands on the pixel it was computed at
+
+
+def make_local(model):
+    """Every conv's centre tap averages its inputs (other taps and biases 0), BN and dropout in eval
+    (BN then only scales by 1/sqrt(1 + eps)), gamma stays 0: a zero image gives zero everywhere, and
+    an impulse at pixel s * j reaches sample j of each stride-s map (a max pool's window included)
+    and no other, with a positive value; in training mode, so that every output is there."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.zero_()
+                m.weight[:, :, m.kernel_size[0] // 2, m.kernel_size[1] // 2] = 1 / m.weight.shape[1]
+                if m.bias is not None:
+                    m.bias.zero_()
+    model.double().train()
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.Dropout2d)):
+            m.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def local_resnet():
+    """Output stride -> a ResNet-18 made local (make_local), built once."""
+    return {s: make_local(common.ResNet(18, s)) for s in (8, 16)}
+
+
+IMPULSE, SIZE = (32, 32), (56, 60)      # on every map's grid (strides 4 to 32), not on a last sample
+
+
+def impulse_peaks(model, names=("out", "aux_layer2", "aux_layer3")):
+    """Where each output's response to a one-pixel impulse at IMPULSE on a zero image peaks: name ->
+    (y, x), asserting that the peak is one pixel (the zero image gives zero: no biases)."""
+    image = torch.zeros(1, 3, *SIZE, **D)
+    image[0, :, IMPULSE[0], IMPULSE[1]] = 1.0
+    with torch.no_grad():
+        out = model(image)
+    peaks = {}
+    for name in names:
+        response = out[name][0, 0]                                     # (H, W)
+        assert (response == response.max()).sum() == 1, f"{name}: the peak is not one pixel"
+        peaks[name] = divmod(int(response.argmax()), SIZE[1])
+    return peaks
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("follow_code", [False, True])
+def test_impulse_peaks_at_its_pixel_end_to_end(local_resnet, output_stride, follow_code):
+    """A one-pixel change at (32, 32) peaks at (32, 32) in the logits and both deep-supervision
+    outputs, as model.py's align_corners=True does at its 8k+1 crops. A resize (align_corners=False)
+    put it 3.5 px off where the side is a multiple of the stride (56 = 8 x 7), and elsewhere by an
+    amount that depends on the side (60 pixels onto 8 samples)."""
+    model = make_local(DenoisedNLNet(local_resnet[output_stride], 3, channels=8, follow_code=follow_code,
+                                     output_stride=output_stride))
+    assert impulse_peaks(model) == {name: IMPULSE for name in ("out", "aux_layer2", "aux_layer3")}
+
+
+@pytest.mark.parametrize("block", ["denoised", "aspp", "none"])
+@pytest.mark.parametrize("follow_code", [False, True])
+def test_f_prime_lands_on_the_x_sample_it_was_computed_at(local_resnet, block, follow_code):
+    """F' alone (the head's weights on X and on the GAP branch zeroed): F's sample i, computed by the
+    stride-2 Reduction at X's sample 2i, is up-sampled back onto X's sample 2i, so an impulse at
+    pixel 16i peaks there; a resize puts it between X's samples 2i and 2i + 1 (a flat top)."""
+    model = make_local(DenoisedNLNet(local_resnet[8], 3, channels=8, block=block, follow_code=follow_code))
+    with torch.no_grad():
+        conv = model.head[0][0]                                        # the head's 3x3 conv on the concat
+        c4, channels = model.backbone.channels[3], model.reduction[0][0].out_channels
+        conv.weight[:, :c4] = 0                                        # X
+        conv.weight[:, c4 + channels:] = 0                             # GAP(X) (paper mode)
+    assert impulse_peaks(model, ["out"]) == {"out": IMPULSE}
+
+
+@pytest.mark.parametrize("output_stride,step", [(8, 2), (16, 2), (32, 4)])
+def test_gr_reads_p_at_f_own_samples(output_stride, step):
+    """GR's P is the layer3 logits at F's samples: F's sample i was computed at X's sample 2i, i.e.
+    at layer3's sample (2 s4 / s3) * i; at a 64k + 1 crop that equals model.py's align_corners=True
+    resize of those logits onto F's grid (a resize with align_corners=False does not)."""
+    torch.manual_seed(14)
+    model = DenoisedNLNet(common.ResNet(18, output_stride), 5, channels=8).double().eval()
+    assert model.class_map_step == step
+    seen = {}
+    model.aux3.register_forward_hook(lambda m, i, o: seen.update(aux3=o))
+    model.dnl.register_forward_hook(lambda m, i, o: seen.update(f=i[0], p_logits=i[1]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 65, 129, **D))                         # 64k + 1 pixels
+    aux3, f = seen["aux3"], seen["f"]
+    assert torch.equal(seen["p_logits"], aux3[..., ::step, ::step])
+    aligned = F.interpolate(aux3, f.shape[-2:], mode="bilinear", align_corners=True)
+    torch.testing.assert_close(seen["p_logits"], aligned, rtol=0, atol=1e-12)
+    assert max_diff(seen["p_logits"], common.resize(aux3, f.shape[-2:])) > 1e-3
+
+
+class Strides(nn.Module):
+    """A stand-in backbone that only declares its channels and strides."""
+
+    def __init__(self, strides):
+        super().__init__()
+        self.channels, self.strides = (4, 4, 4, 4), strides
+
+
+def test_p_on_a_grid_that_misses_f_samples_is_refused():
+    """Layer3 at stride 12 and F at 16: F's samples are not layer3 samples, so P cannot be read
+    there: refused with class_map='aux', accepted with class_map='conv' (P from F itself)."""
+    assert denoised_nl.class_map_step((4, 8, 16, 32)) == 4
+    with pytest.raises(common.InputError, match="not a multiple"):
+        DenoisedNLNet(Strides((4, 8, 12, 8)), 5, channels=8)
+    assert DenoisedNLNet(Strides((4, 8, 12, 8)), 5, channels=8, class_map="conv").class_map_step is None
+
+
 def test_window_size_must_be_odd():
     with pytest.raises(common.InputError):
         DenoisedNLBlock(8, 4, window_size=4)
@@ -376,10 +495,10 @@ def test_window_size_must_be_odd():
 
 def block_gflops(class_map):
     """GFLOPs of the model's Denoised NL block at Table V's input (1 x 3 x 768 x 768 -> F of
-    1 x 512 x 48 x 48, layer3 logits at 96 x 96, 19 classes), counted on meta tensors."""
+    1 x 512 x 48 x 48, layer3 logits read at F's 48 x 48 samples, 19 classes), counted on meta tensors."""
     with torch.device("meta"):
         model = DenoisedNLNet(common.ResNet(18, 8), 19, **({} if class_map is None else {"class_map": class_map}))
-        f, logits = torch.empty(1, 512, 48, 48), torch.empty(1, 19, 96, 96)
+        f, logits = torch.empty(1, 512, 48, 48), torch.empty(1, 19, 48, 48)
         with FlopCounterMode(display=False) as counter:
             model.dnl.train()(f, logits if model.p_from_aux else None)
     return counter.get_total_flops() / 1e9

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import InputError, ResNet, resize, upsample_strided  # noqa: E402
+from common import FCN, InputError, ResNet, resize, upsample_strided  # noqa: E402
 from galdv1 import (ASPP, CGNL, GALD, GALDBlock, HalfResolution, LocalDistribution, NonLocal,  # noqa: E402
                     PooledBatchNorm, add_args, build_ga, build_model)
 
@@ -277,6 +277,59 @@ def test_upsampled_impulse_peaks_at_its_own_fine_pixel(size, stride):
         torch.testing.assert_close(response[j], hat)
     past = size - 1 - stride * (h - 1)
     assert torch.equal(response[-1, stride * (h - 1):], torch.ones(past + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [64, 65, 97])
+def test_upsampling_allocates_one_map_as_resize_does(size):
+    """The pad-one-sample-and-crop form allocates one full-size map (the first form interpolated onto
+    the span and replicate-padded a second one: 1.2x the block's peak). Live tensor bytes, not time:
+    equal to resize at 8k + 1 sizes (no padding needed), at most (8h + 1)^2 / H^2 of it otherwise."""
+    from tools.costs import peak_memory
+    x = torch.randn(2, 16, -(-size // 8), -(-size // 8))
+    cost = lambda fn: peak_memory(lambda: fn(x, (size, size)), torch.device("cpu"), [x])
+    aligned, plain = cost(lambda v, s: upsample_strided(v, s, 8)), cost(resize)
+    h = x.shape[-1]
+    bound = plain * ((size if (size - 1) % 8 == 0 else 8 * h + 1) / size) ** 2
+    assert plain <= aligned <= bound + x.numel() * 4 * 1.5          # + the padded coarse map
+
+
+def as_sampler(model):
+    """Every conv reads its centre tap only, averaging its input channels, biases and BNs off (eval):
+    a network of such layers passes a non-negative image through ReLUs and residual sums unchanged in
+    sign, so a stride-s map's sample j is a positive multiple of input pixel s * j and nothing else."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data.zero_()
+            m.weight.data[:, :, m.kernel_size[0] // 2, m.kernel_size[1] // 2] = 1 / m.weight.shape[1]
+            if m.bias is not None:
+                m.bias.data.zero_()
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_parameters()
+            m.running_var.fill_(1 - m.eps)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (65, 97), (72, 60)])
+@pytest.mark.parametrize("build", [lambda: FCN(ResNet(18, 8), 3, head_channels=8),
+                                   lambda: GALD(ResNet(18, 8), 3, ga="none", channels=8)],
+                         ids=["fcn", "gald"])
+def test_logits_of_a_one_pixel_input_peak_at_that_pixel(build, size):
+    """End to end: a one-pixel input at (8i, 8j) changes the logits most at (8i, 8j) itself, with a
+    symmetric hat around it (the strided trunk computed sample (i, j) there). common.resize put the peak
+    3.5 px down and right. GA is off: a global module spreads the impulse everywhere by design."""
+    torch.manual_seed(0)
+    model = as_sampler(build())
+    H, W = size
+    y, x = 8 * ((H - 1) // 16), 8 * ((W - 1) // 16)
+    image = torch.zeros(1, 3, H, W, dtype=torch.float64)
+    image[..., y, x] = 1
+    with torch.no_grad():
+        out = model(image)["out"][0, 0]                                  # (H, W)
+    assert out.shape == (H, W) and out.max() > 0
+    assert divmod(out.argmax().item(), W) == (y, x)
+    for d in range(1, 8):
+        assert out[y - d, x] == out[y + d, x] > out[y + d + 1, x]       # the hat 1 - d / 8 along y
+        assert out[y, x - d] == out[y, x + d] > out[y, x + d + 1]
 
 
 def identity_taps(module):

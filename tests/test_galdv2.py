@@ -196,9 +196,14 @@ def test_head_flops_of_the_two_readings():
 
 
 class StubTrunk(torch.nn.Module):
-    """Stands in for a ResNet-50/101 (stage widths only) to count the head's parameters fast."""
+    """Stands in for a ResNet-50/101 (stage widths and strides; zero features) to count the head's
+    parameters and FLOPs fast."""
     channels = (256, 512, 1024, 2048)
     strides = (4, 8, 8, 8)
+
+    def forward(self, image):
+        B, _, H, W = image.shape
+        return [image.new_zeros(B, c, -(-H // s), -(-W // s)) for c, s in zip(self.channels, self.strides)]
 
 
 def head_params(model):
@@ -206,18 +211,89 @@ def head_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("backbone.", "decoder.aux_head.")))
 
 
+def ldv2_params(C, key_width):
+    """LDv2's parameters: W_theta 2C -> C' with a bias, W_phi 2C -> C' without, W_g 2C -> C with a bias."""
+    return (2 * C * key_width + key_width) + 2 * C * key_width + (2 * C * C + C)
+
+
 def test_head_parameter_counts_of_tables_iv_and_vi():
-    """The heads behind the README's Table IV / VI rows (512 channels, 19 classes, Q/K width 64): a
-    deep-stem ResNet-50 adds 23.632M, a ResNet-101 42.624M. GA (ASPP) 28.066M; + LDv1 16.9k;
-    + LDv2 0.656M with eq3, 3.015M with local-first (its widened convb alone 2.359M); GALD v1 (CGNL) 24.039M."""
+    """The heads behind the README's Table IV / VI rows (512 channels, 19 classes): a deep-stem
+    ResNet-50 adds 23.632M, a ResNet-101 42.624M. GA (ASPP) 28.066M; + LDv1 16.9k; + LDv2 1.574M
+    at the default Q/K width C' = C = 512 (0.656M at 64) with eq3, 3.933M with local-first (its
+    widened convb alone 2.359M); GALD v1 (CGNL) 24.039M."""
     with torch.device("meta"):
         build = lambda **kw: head_params(galdv2.GALDv2(StubTrunk(), 19, **kw))
         ga, v1, eq3, wide = build(ld="none"), build(ld="v1"), build(), build(combine="local-first")
         gald1 = head_params(galdv1.GALD(StubTrunk(), 19))
-        wider_keys = build(key_channels=512)
-    assert (ga, v1 - ga, eq3 - ga, wide - ga, wide - eq3) == (28065811, 16896, 655936, 3015232, 2359296)
+        narrow_keys = build(key_channels=64)
+    widened_convb = (2 * 512 - 512) * 512 * 9
+    assert (eq3 - ga, narrow_keys - ga) == (ldv2_params(512, 512), ldv2_params(512, 64)) == (1573888, 655936)
+    assert wide - eq3 == widened_convb == 2359296
+    assert (ga, v1 - ga, wide - ga) == (28065811, 16896, 3933184)
     assert gald1 == 24038931
-    assert wider_keys - eq3 == (512 - 64) * (2 * 1024 + 1)     # Q and K: 1024 -> C', Q with a bias
+
+
+def test_ldv2_flops_are_its_three_1x1_convs_alone():
+    """Table IV's input (512 x 512, a 64 x 64 map, C = 512): the FLOP counter sees LDv2 as W_theta,
+    W_phi and W_g, 2 N 2C (C' + C' + C) = 4 N C (2 C' + C): +12.88 GFLOPs at C' = 512, +5.37 at 64.
+    The k*k logits and weighted sums (element-wise products) are not counted (tools/costs.py).
+    local-first adds its widened convb, 2 N (2C - C) C 9 = 19.33 GFLOPs: +32.21 in all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflops(**kw):
+        model = galdv2.GALDv2(StubTrunk(), 19, **kw).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, 512, 512, device="meta"))
+        return counter.get_total_flops()
+
+    with torch.device("meta"):
+        ga, eq3, narrow, wide = gflops(ld="none"), gflops(), gflops(key_channels=64), gflops(combine="local-first")
+    N, C = 64 * 64, 512
+    assert (eq3 - ga, narrow - ga) == (4 * N * C * (2 * 512 + C), 4 * N * C * (2 * 64 + C))
+    assert wide - eq3 == 2 * N * C * C * 9
+    assert [round((f - ga) / 1e9, 2) for f in (eq3, narrow, wide)] == [12.88, 5.37, 32.21]
+
+
+def averaging_taps(model):
+    """Every conv 1 / fan-in at its centre tap alone (a strided conv samples pixel s * j; a map that is
+    the same in every channel stays so), no biases, every BN the identity (eval), LDv2's query 0
+    (uniform affinity) and ASPP's image pooling 0: on a non-negative image the network is then
+    linear and each output sample sees only the input pixels it was computed at (and LDv2's samples)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kh, kw = m.kernel_size
+            m.weight.data.zero_()
+            m.weight.data[:, :, kh // 2, kw // 2] = 1 / m.weight.shape[1]
+            if m.bias is not None:
+                m.bias.data.zero_()
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.running_var.fill_(1 - m.eps)
+    model.ld.query.weight.data.zero_()
+    for p in model.ga.image_pool.parameters():
+        p.data.zero_()
+    return model.double().eval()
+
+
+def test_an_input_impulse_peaks_at_its_own_pixel_in_the_logits():
+    """End to end through forward (ResNet, ASPP, LDv2 k = 5, r = 6, Eq. 3 head, up-sampling): an
+    impulse at input pixel (8 jy, 8 jx) reaches stride-8 sample (jy, jx) alone (LDv2's other samples,
+    6 and 12 cells away, are off this 9 x 7 map), and 'out' is the bilinear hat centred on the pixel
+    itself: peak * (1 - |y - 8 jy| / 8) * (1 - |x - 8 jx| / 8). align_corners=False put it at +3.5 px."""
+    model = averaging_taps(small_model())
+    H, W, pixels = 65, 50, [(24, 40), (32, 16)]                # 9 x 7 samples: 65 = 8 * 8 + 1, 50 is not 8k + 1
+    image = torch.zeros(len(pixels), 3, H, W, dtype=torch.float64)
+    for b, (y, x) in enumerate(pixels):
+        image[b, :, y, x] = 1
+    with torch.no_grad():
+        out = model(image)["out"]                              # (2, 5, H, W)
+    hat = lambda n, centre: (1 - (torch.arange(n, dtype=torch.float64) - centre).abs() / 8).clamp(min=0)
+    for b, (y, x) in enumerate(pixels):
+        peak = out[b, :, y, x]                                 # (5,)
+        assert (peak > 0).all()
+        torch.testing.assert_close(out[b], peak.view(-1, 1, 1) * hat(H, y).view(H, 1) * hat(W, x),
+                                   rtol=1e-12, atol=1e-12)
+        assert divmod(out[b, 0].argmax().item(), W) == (y, x)
 
 
 def test_default_network_trains_on_one_image():
@@ -263,8 +339,9 @@ def parse(argv):
 
 def test_cli_defaults_are_the_papers_and_build_model():
     """train.py's parser with --method galdv2: the LDv2 flags are None ("not given") and build_model
-    leaves them at GALDv2's defaults: ASPP + LDv2, eq3, k=5, r=3 (the text's choice for all
-    datasets), Q/K width 64, key and query from concat(X_g, X_l), OHEM on."""
+    leaves them at GALDv2's defaults: ASPP + LDv2, eq3, k = 5, r = 6 (Table II b's row behind every
+    Cityscapes figure; the other datasets pass 3), one width C' = C = 512 for Q, K and V (Eq. 4),
+    key and query from concat(X_g, X_l), OHEM on."""
     args = train.parse_args(["--method", "galdv2", "--backbone", "resnet18"])
     assert (args.ga, args.ld, args.ohem) == ("aspp", "v2", True)
     assert all(getattr(args, flag) is None for flag in galdv2.LDV2_FLAGS)
@@ -272,14 +349,15 @@ def test_cli_defaults_are_the_papers_and_build_model():
     assert isinstance(model.ga, galdv1.ASPP) and [b[0].dilation[0] for b in model.ga.branches[1:]] == [12, 24, 36]
     ld = model.ld
     assert isinstance(ld, galdv2.DynamicLocalDistribution) and model.ohem and model.aux_weight == 0.4
-    assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.query_input, ld.query.out_channels) == \
-        ("eq3", 5, 3, "concat", "concat", 64)
+    assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.query_input) == \
+        ("eq3", 5, 6, "concat", "concat")
+    assert ld.query.out_channels == ld.key.out_channels == ld.value.out_channels == 512
     assert model.affinity_pixel == (0.5, 0.5)
-    model = galdv2.build_model(parse(["--ld-combine", "local-first", "--ld-kernel", "3", "--ld-dilation", "6",
+    model = galdv2.build_model(parse(["--ld-combine", "local-first", "--ld-kernel", "3", "--ld-dilation", "3",
                                       "--ld-key-channels", "16", "--key-input", "global", "--affinity-pixel", "0", "1"]))
     ld = model.ld
     assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.key.out_channels, model.affinity_pixel) == \
-        ("local-first", 3, 6, "global", 16, (0.0, 1.0))
+        ("local-first", 3, 3, "global", 16, (0.0, 1.0))
     assert model.decoder.convb[0].in_channels == 1024
 
 
@@ -295,3 +373,11 @@ def test_ldv2_flags_without_ldv2_are_refused(flag, ld):
         galdv2.build_model(parse(["--ld", ld] + flag))
     with pytest.raises(common.InputError, match="--ld-kernel, --key-input: LDv2 options"):
         galdv2.build_model(parse(["--ld", ld, "--key-input", "global", "--ld-kernel", "3"]))
+
+
+def test_no_ga_and_no_ld_is_refused():
+    """--ga none --ld none is a model that no table has: one line naming both flags."""
+    with pytest.raises(common.InputError, match="^--ga none --ld none: neither GA nor LD, a model that no table"):
+        galdv2.build_model(parse(["--ga", "none", "--ld", "none"]))
+    assert isinstance(galdv2.build_model(parse(["--ga", "none"])).ld, galdv2.DynamicLocalDistribution)
+    assert isinstance(galdv2.build_model(parse(["--ld", "none"])).ga, galdv1.ASPP)

@@ -1,5 +1,6 @@
-"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, RMI, the
-per-scale loss and what evaluation builds."""
+"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, the decoders
+(DeepLab V3+, HRNet-OCR: OCR Eqs. 1-3, the aux logits' fusion and loss), NVIDIA's parameter counts and
+key names, where a strided logit lands, RMI, the per-scale loss and what evaluation builds."""
 import argparse
 import math
 import os
@@ -14,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import hier_ms_attn as hma  # noqa: E402
-from common import InputError, resize, scaled_size  # noqa: E402
+from common import InputError, resize  # noqa: E402
+from hier_ms_attn import scaled_image  # noqa: E402
 
 K = 4
 
@@ -28,10 +30,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_model(ms_mode="hierarchical", **kw):
+def small_trunk(decoder):
+    """HRNet W18-small-v1 for the OCR decoder, else a ResNet-18 (output stride 8)."""
+    return common.HRNet(**common.HRNET_LAYOUTS["hrnet18-small"]) if decoder == "ocr" else common.ResNet(18, 8)
+
+
+def make_model(ms_mode="hierarchical", decoder="none", **kw):
+    """Small widths: heads 16, ASPP 16, OCR 32 / 16. The chain and baseline tests use the plain
+    Sec. 3.1 heads ('none'); the decoders have their own tests below."""
     torch.manual_seed(0)
-    return hma.HierarchicalMultiScaleAttention(common.ResNet(18, 8), K, ms_mode=ms_mode,
-                                               head_channels=16, **kw)
+    widths = {"deeplab": dict(aspp_channels=16), "ocr": dict(ocr_channels=(32, 16)), "none": {}}[decoder]
+    return hma.HierarchicalMultiScaleAttention(small_trunk(decoder), K, ms_mode=ms_mode, decoder=decoder,
+                                               head_channels=16, **widths, **kw)
 
 
 def image(h=33, w=47, b=2):
@@ -41,10 +51,10 @@ def image(h=33, w=47, b=2):
 
 def scale_outputs(model, x, s):
     """By hand: L_s and a_s at the scale's input size (code _fwd)."""
-    xs = resize(x, scaled_size(x.shape[-2:], s))
-    c4 = model.backbone(xs)[3]
-    logits = resize(model.seg_head(c4), xs.shape[-2:])
-    attn = resize(model.attn_head(c4).sigmoid(), xs.shape[-2:])
+    xs = scaled_image(x, s)
+    logits, _, feats = model.decode(model.backbone(xs))
+    logits = resize(logits, xs.shape[-2:])
+    attn = resize(model.scale_attn(feats).sigmoid(), xs.shape[-2:])
     return logits, attn
 
 
@@ -116,8 +126,8 @@ def test_scales_above_one_are_fused_at_their_own_size(scales):
     P = U(a_0.5 L_0.5) + (1 - U(a_0.5)) P   at 1.0x (D, U: bilinear down / up)."""
     model = make_model().eval()
     with torch.no_grad():                                              # logits ~10, attention 0.1..0.95
-        model.seg_head[-1].weight.mul_(100)
-        model.attn_head[-1].weight.mul_(30)
+        model.cls_head[-1].weight.mul_(100)
+        model.scale_attn.conv2.weight.mul_(30)
     x = image()
     with torch.no_grad():
         L = {s: scale_outputs(model, x, s) for s in scales}
@@ -145,7 +155,7 @@ def test_scales_above_one_are_fused_at_their_own_size(scales):
 @pytest.mark.parametrize("value, picked", [(1e4, 0.25), (-1e4, 2.0)])
 def test_attention_one_keeps_lowest_scale_zero_keeps_highest(value, picked):
     model = make_model().eval()
-    model.attn_head[-1] = Constant(value)                               # sigmoid -> exactly 1 or 0
+    model.scale_attn.conv2 = Constant(value)                               # sigmoid -> exactly 1 or 0
     x = image()
     with torch.no_grad():
         chained = model.predict(x, scales=(0.25, 0.5, 1.0, 2.0))
@@ -226,12 +236,12 @@ def test_explicit_attention_is_softmax_over_scales_of_concatenated_features():
         got = model(x, scales=(0.5, 1.0, 2.0))
         feats, logits = [], []
         for s in (0.5, 1.0, 2.0):
-            xs = resize(x, scaled_size(x.shape[-2:], s))
+            xs = scaled_image(x, s)
             c4 = model.backbone(xs)[3]
             feats.append(c4)
-            logits.append(resize(resize(model.seg_head(c4), xs.shape[-2:]), x.shape[-2:]))
+            logits.append(resize(resize(model.cls_head(c4), xs.shape[-2:]), x.shape[-2:]))
         ref = feats[1].shape[-2:]
-        w = model.attn_head(torch.cat([resize(f, ref) for f in feats], 1)).softmax(1)
+        w = model.scale_attn(torch.cat([resize(f, ref) for f in feats], 1)).softmax(1)
         w = resize(w, x.shape[-2:])
         expected = w[:, 0:1] * logits[0] + w[:, 1:2] * logits[1] + w[:, 2:3] * logits[2]
     assert torch.allclose(got["out"], expected, atol=1e-5)
@@ -242,7 +252,7 @@ def test_explicit_attention_is_softmax_over_scales_of_concatenated_features():
 
 def test_average_mode_averages_logits_and_has_no_attention_head():
     model = make_model("average").eval()
-    assert not hasattr(model, "attn_head")
+    assert not hasattr(model, "scale_attn")
     x = image()
     with torch.no_grad():
         per_scale = [model.predict(x, scales=(s,)) for s in (0.5, 1.0, 2.0)]
@@ -258,13 +268,14 @@ def test_bad_scale_configurations_are_refused():
         make_model("average", train_scales=(0.5, 1.0))
 
 
-def cli_model(*flags):
+def cli_model(*flags, backbone="resnet18", device="cpu", classes=K):
     parser = argparse.ArgumentParser()
     hma.add_args(parser)
     args = parser.parse_args(list(flags))
-    args.num_classes, args.backbone, args.stem, args.dilation_style = K, "resnet18", "tv", "pspnet"
-    args.output_stride, args.multi_grid, args.pretrained = 8, None, None
-    return hma.build_model(args)
+    args.num_classes, args.backbone, args.stem, args.dilation_style = classes, backbone, "tv", "pspnet"
+    args.output_stride, args.multi_grid, args.pretrained, args.method = 8, None, None, "hier_ms_attn"
+    with torch.device(device):
+        return hma.build_model(args)
 
 
 def test_add_args_defaults_build_the_paper_model():
@@ -281,6 +292,208 @@ def test_add_args_defaults_build_the_paper_model():
 def test_flags_that_change_nothing_in_average_mode_are_refused(flags):
     with pytest.raises(InputError, match="would change nothing"):
         cli_model("--ms-mode", "average", *flags)
+
+
+def test_defaults_pick_the_papers_decoder_for_each_trunk():
+    """Table 1's caption: DeepLab V3+ on ResNet-50; Sec. 3.1: HRNet-OCR, the paper's semantic head, CE aux."""
+    resnet = cli_model(device="meta")
+    assert resnet.decoder == "deeplab" and isinstance(resnet.final, nn.Sequential)
+    hrnet = cli_model("--ocr-channels", "32", "16", backbone="hrnet18-small", device="meta")
+    assert (hrnet.decoder, hrnet.aux_loss) == ("ocr", "ce")
+    assert isinstance(hrnet.ocr.cls_head, nn.Sequential) and hrnet.ocr.cls_head[-1].bias is None
+    code = cli_model("--cls-head", "code", "--ocr-channels", "32", "16", backbone="hrnet18-small", device="meta")
+    assert isinstance(code.ocr.cls_head, nn.Conv2d) and code.ocr.cls_head.bias is not None
+    assert cli_model("--decoder", "none", device="meta").cls_head[0].in_channels == 512   # layer4
+
+
+@pytest.mark.parametrize("flags, backbone, match", [
+    (["--decoder", "ocr"], "resnet18", "needs --backbone"),
+    (["--decoder", "deeplab"], "hrnet18-small", "DeepLab V3\\+ on a ResNet"),
+    (["--cls-head", "code"], "resnet18", "--cls-head would change nothing"),
+    (["--aux-loss", "bce"], "resnet18", "--aux-loss would change nothing"),
+    (["--decoder", "none", "--ocr-channels", "8", "8"], "hrnet18-small", "--ocr-channels would change nothing"),
+    (["--aspp-channels", "64"], "hrnet18-small", "--aspp-channels would change nothing"),
+    (["--decoder", "none", "--aspp-channels", "64"], "resnet18", "--aspp-channels would change nothing")])
+def test_decoder_flags_that_cannot_apply_are_refused(flags, backbone, match):
+    with pytest.raises(InputError, match=match):
+        cli_model(*flags, backbone=backbone, device="meta")
+
+
+def parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_counts_equal_the_authors_models():
+    """NVIDIA/semantic-segmentation network/ocrnet.py MscaleOCR and OCRNet (HRNet-W48, 19 classes, its
+    1x1 cls_head) and network/mscale.py MscaleV3Plus (ResNet-50, 19 classes), counted on their classes."""
+    ocr = cli_model("--cls-head", "code", backbone="hrnet48", device="meta", classes=19)
+    assert parameters(ocr) == 72_143_430
+    ocrnet = cli_model("--cls-head", "code", "--ms-mode", "average", backbone="hrnet48", device="meta", classes=19)
+    assert parameters(ocrnet) == 70_372_678
+    assert parameters(ocr.scale_attn) == 1_770_752 and parameters(ocrnet.backbone) == 65_325_120
+    assert parameters(cli_model(backbone="resnet50", device="meta", classes=19)) == 41_642_560
+
+
+def test_module_names_are_nvidias_state_dict_keys():
+    """A released file loads after dropping 'module.': NVIDIA's MscaleOCR W48 holds 1,830 backbone,
+    60 ocr and 13 scale_attn entries; a few of them with their shapes."""
+    state = cli_model("--cls-head", "code", backbone="hrnet48", device="meta", classes=19).state_dict()
+    heads = [k.split(".")[0] for k in state]
+    assert (len(state), heads.count("backbone"), heads.count("ocr"), heads.count("scale_attn")) == (1903, 1830, 60, 13)
+    expected = {"ocr.conv3x3_ocr.0.bias": (512,), "ocr.conv3x3_ocr.1.0.running_var": (512,),
+                "ocr.ocr_distri_head.object_context_block.f_pixel.2.weight": (256, 256, 1, 1),
+                "ocr.ocr_distri_head.object_context_block.f_up.1.0.weight": (512,),
+                "ocr.ocr_distri_head.conv_bn_dropout.0.weight": (512, 1024, 1, 1),
+                "ocr.cls_head.weight": (19, 512, 1, 1), "ocr.aux_head.0.weight": (720, 720, 1, 1),
+                "ocr.aux_head.2.bias": (19,), "scale_attn.conv0.weight": (256, 512, 3, 3),
+                "scale_attn.bn1.running_mean": (256,), "scale_attn.conv2.weight": (1, 256, 1, 1)}
+    assert {k: tuple(state[k].shape) for k in expected} == expected
+    deeplab = cli_model(backbone="resnet50", device="meta", classes=19).state_dict()
+    convs = {k: tuple(v.shape) for k, v in deeplab.items() if k.endswith("weight") and v.dim() == 4
+             and not k.startswith("backbone.")}
+    assert convs == {"aspp.img_conv.0.weight": (256, 2048, 1, 1), "aspp.features.0.0.weight": (256, 2048, 1, 1),
+                     **{f"aspp.features.{i}.0.weight": (256, 2048, 3, 3) for i in (1, 2, 3)},
+                     "bot_aspp.weight": (256, 1280, 1, 1), "bot_fine.weight": (48, 256, 1, 1),
+                     "final.0.weight": (256, 304, 3, 3), "final.3.weight": (256, 256, 3, 3),
+                     "final.6.weight": (19, 256, 1, 1), "scale_attn.conv0.weight": (256, 304, 3, 3),
+                     "scale_attn.conv1.weight": (256, 256, 3, 3), "scale_attn.conv2.weight": (1, 256, 1, 1)}
+
+
+class Impulse(nn.Module):
+    """Stands in for the semantic head: logits 1 at stride-s sample (j, i) of every class, else 0."""
+
+    def __init__(self, j, i):
+        super().__init__()
+        self.j, self.i = j, i
+
+    def forward(self, x):
+        out = x.new_zeros(x.shape[0], K, *x.shape[-2:])
+        out[:, :, self.j, self.i] = 1
+        return out
+
+
+@pytest.mark.parametrize("decoder, stride", [("none", 8), ("deeplab", 4), ("ocr", 4)])
+def test_a_strided_logit_lands_where_nvidias_upsampling_puts_it(decoder, stride):
+    """Issue of alignment: a stride-s sample j is computed at input pixel s*j, but HMSA keeps NVIDIA's
+    align_corners=False so that its weights give its outputs: the sample lands centred on s*j + (s-1)/2
+    (8j + 3.5 at stride 8), a bilinear hat of half-width s, 1 - 0.5/s at the two pixels beside the
+    centre and 1 - (s-1)/(2s) on pixel s*j itself."""
+    model = make_model("average", decoder=decoder).eval()
+    j, i = 3, 5
+    impulse = Impulse(j, i)
+    if decoder == "none":
+        model.cls_head = impulse
+    elif decoder == "deeplab":
+        model.final = impulse
+    else:
+        model.ocr.cls_head = impulse
+    with torch.no_grad():
+        out = model.predict(torch.randn(1, 3, 64, 96))[0, 0]           # (64, 96)
+    centre = stride * j + (stride - 1) / 2, stride * i + (stride - 1) / 2
+    rows, cols = (out == out.max()).nonzero().T
+    assert rows.float().mean().item() == centre[0] and cols.float().mean().item() == centre[1]
+    assert out.max().item() == (1 - 0.5 / stride) ** 2
+    assert out[stride * j, stride * i].item() == (1 - (stride - 1) / (2 * stride)) ** 2   # not the peak
+
+
+def test_images_at_a_scale_are_floored_as_nvidias_resizex():
+    x = torch.randn(1, 3, 33, 47)
+    assert scaled_image(x, 0.5).shape[-2:] == (16, 23)                  # round() would give 24
+    assert scaled_image(x, 1.0) is x and scaled_image(x, 0.01).shape[-2:] == (1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepLab V3+ (Table 1) and HRNet-OCR (Sec. 3.1)
+
+
+def test_deeplab_decoder_is_the_304_channel_stride_4_feature():
+    model = make_model(decoder="deeplab").eval()
+    x = image()
+    with torch.no_grad():
+        c1, _, _, c4 = model.backbone(x)
+        logits, aux, feats = model.decode([c1, None, None, c4])
+        pooled = model.aspp.img_conv(c4.mean((2, 3), keepdim=True))      # (B, 16, 1, 1)
+        pyramid = torch.cat([pooled.expand(-1, -1, *c4.shape[-2:])] + [f(c4) for f in model.aspp.features], 1)
+        by_hand = torch.cat([model.bot_fine(c1), resize(model.bot_aspp(pyramid), c1.shape[-2:])], 1)
+    assert aux is None and feats.shape == (2, 48 + 16, 9, 12)           # stride 4 of 33 x 47
+    assert torch.allclose(feats, by_hand, atol=1e-5)
+    assert torch.allclose(logits, model.final(by_hand), atol=1e-5)
+
+
+def test_object_regions_are_softmax_weighted_sums_of_pixels():
+    """OCR Eq. (1), one region at a time: f_k = sum_i softmax_i(m_k)_i x_i."""
+    torch.manual_seed(6)
+    feats, aux = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(2, K, 3, 4, dtype=torch.float64)
+    got = hma.object_regions(feats, aux)                                # (2, 5, K, 1)
+    for b in range(2):
+        for k in range(K):
+            m = aux[b, k].flatten().softmax(0)                          # (12,)
+            expected = sum(m[n] * feats[b, :, n // 4, n % 4] for n in range(12))
+            assert torch.allclose(got[b, :, k, 0], expected)
+
+
+def test_object_context_is_eqs_2_and_3_pixel_by_pixel():
+    """OCR Eq. (2): w_ik = softmax_k(phi(x_i) . psi(f_k) / sqrt(C')); Eq. (3): y_i = rho(sum_k w_ik
+    delta(f_k)), written with explicit loops over pixels and regions."""
+    torch.manual_seed(7)
+    block = hma.ObjectContext(6, 4).double().eval()
+    for m in block.modules():                                           # BN not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    x, regions = torch.randn(1, 6, 2, 3, dtype=torch.float64), torch.randn(1, 6, K, 1, dtype=torch.float64)
+    with torch.no_grad():
+        got = block(x, regions)
+        phi, psi, delta = block.f_pixel(x)[0], block.f_object(regions)[0, :, :, 0], block.f_down(regions)[0, :, :, 0]
+        context = torch.zeros(1, 4, 2, 3, dtype=torch.float64)
+        for r in range(2):
+            for c in range(3):
+                w = torch.stack([phi[:, r, c] @ psi[:, k] / 2 for k in range(K)]).softmax(0)
+                context[0, :, r, c] = sum(w[k] * delta[:, k] for k in range(K))
+        expected = block.f_up(context)
+    assert torch.allclose(got, expected)
+
+
+def test_ocr_aux_logits_are_fused_by_the_same_attention_and_weighted_04():
+    """Training (dropout off for the by-hand pass): 'aux' = Eq. (1) on the aux logits with the 0.5x
+    attention; the loss adds 0.4 x CE(aux) (Sec. 5.1), or 0.4 x sigmoid BCE with aux_loss='bce'."""
+    for aux_loss in ("ce", "bce"):
+        model = make_model(decoder="ocr", aux_loss=aux_loss).train()
+        model.ocr.ocr_distri_head.conv_bn_dropout[2].p = 0
+        x, target = image(), labels()
+        outputs = model(x)
+        U = lambda t: resize(t, x.shape[-2:])
+        per_scale = {}
+        for s in (0.5, 1.0):
+            xs = scaled_image(x, s)
+            logits, aux, feats = model.decode(model.backbone(xs))
+            per_scale[s] = resize(aux, xs.shape[-2:]), resize(model.scale_attn(feats).sigmoid(), xs.shape[-2:])
+        (aux05, a05), (aux1, _) = per_scale[0.5], per_scale[1.0]
+        assert torch.allclose(outputs["aux"], U(aux05 * a05) + (1 - U(a05)) * aux1, atol=1e-5)
+        terms = model.loss(outputs, target)
+        aux_expected = (nn.functional.cross_entropy(outputs["aux"].double(), target, ignore_index=255)
+                        if aux_loss == "ce" else bce_by_hand(outputs["aux"], target))
+        assert torch.allclose(terms["aux"].double(), aux_expected, rtol=1e-5)
+        main = 0.5 * terms["bce"] + 0.5 * terms["rmi"]
+        per_scale = terms["scale_0.5"] + terms["scale_1.0"]
+        assert torch.allclose(terms["total"], main + 0.4 * terms["aux"] + 0.05 * per_scale)
+
+
+@pytest.mark.parametrize("decoder, mode, kw", [("ocr", "hierarchical", {}), ("ocr", "explicit", {"cls_head": "code"}),
+                                               ("ocr", "average", {}), ("deeplab", "hierarchical", {}),
+                                               ("deeplab", "explicit", {}), ("deeplab", "average", {})])
+def test_every_decoder_trains_every_parameter_and_evaluates_any_scales(decoder, mode, kw):
+    model = make_model(mode, decoder=decoder, **kw).train()
+    outputs = model(image())
+    assert ("aux" in outputs) == (decoder == "ocr")
+    model.loss(outputs, labels())["total"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    model.eval()
+    scales = model.train_scales if mode == "explicit" else (0.25, 0.5, 1.0, 2.0)
+    with torch.no_grad():
+        out = model(image(), scales=scales)
+    assert set(out) == ({"out"} if mode == "average" else {"out", "maps"})
+    assert out["out"].shape == (2, K, 33, 47) and torch.isfinite(out["out"]).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,12 +543,12 @@ def test_attention_head_bn_statistics_see_both_training_scales():
     statistics are updated by the 0.5x features, then the 1.0x ones (momentum 0.1)."""
     model = make_model().train()
     x = image()
-    bn = model.attn_head[0][1]
+    bn = model.scale_attn.bn0
     model(x)
     assert bn.num_batches_tracked.item() == 2
-    conv = model.attn_head[0][0]
+    conv = model.scale_attn.conv0
     with torch.no_grad():
-        mean = {s: conv(model.backbone(resize(x, scaled_size(x.shape[-2:], s)))[3]).mean((0, 2, 3))
+        mean = {s: conv(model.backbone(scaled_image(x, s))[3]).mean((0, 2, 3))
                 for s in (0.5, 1.0)}                                   # (C,) batch means of the BN input
     expected = 0.9 * (0.1 * mean[0.5]) + 0.1 * mean[1.0]
     assert torch.allclose(bn.running_mean, expected, atol=1e-5)

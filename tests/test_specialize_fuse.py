@@ -170,8 +170,8 @@ def test_unity_head_matches_cell_loop():
         for i in range(8 // r):
             for j in range(8 // r):
                 block = x_u[i * r:(i + 1) * r, j * r:(j + 1) * r]                     # (r, r, Du)
-                centroid = lin(head.embed, block.mean((0, 1)))                        # the shared Conv1x1 ...
-                prob = torch.sigmoid(lin(head.classify, lin(head.embed, block) - centroid))   # ... on both sides
+                centroid = lin(head.centroid, block.mean((0, 1)))                     # pooled side's Conv1x1
+                prob = torch.sigmoid(lin(head.classify, lin(head.pixel, block) - centroid))   # pixel side's
                 cells[i, j] = prob.min()                                              # min pooling
         slow.append(cells)
     for f, s_ in zip(fast, slow):
@@ -182,17 +182,40 @@ def test_unity_head_matches_cell_loop():
     assert torch.allclose(grad_fast, grad_slow, atol=1e-6)
 
 
-def test_unity_head_is_one_linear_map_of_the_deviation_from_the_cell_mean():
-    """Sec. 4.1 with one shared Conv1x1 and no BN/ReLU: logit = v . (x - cell mean of x) + b, min-pooled."""
+def test_unity_head_pooled_and_pixel_sides_have_their_own_conv():
+    """Sec. 4.1: a Conv1x1 on the pooled X_u shared by the levels, another on X_u ("subtract it from
+    Conv1x1(X_u)"): with one conv on both sides average pooling would cancel it."""
+    head = sf.UnityHead(6, channels=4)
+    names = [n for n, _ in head.named_parameters()]
+    assert names == ["reduce.weight", "centroid.weight", "pixel.weight", "classify.weight", "classify.bias"]
+    assert head.centroid.weight.data_ptr() != head.pixel.weight.data_ptr()
+    assert not torch.equal(head.centroid.weight, head.pixel.weight)
+
+
+def unity_logit_ascent(head, x):
+    """x (B, D, h, w) plus the uniform feature vector of length 10 that raises the summed unity logits
+    of `head` fastest (their gradient with respect to a vector added at every position)."""
+    d = torch.zeros(1, x.shape[1], 1, 1, dtype=x.dtype, requires_grad=True)
+    grad = torch.autograd.grad(sum(u.sum() for u in head(x + d)), d)[0]
+    return x + 10 * grad / grad.norm()
+
+
+def test_a_unity_logit_above_the_classifier_bias_is_reachable():
+    """With one conv on both sides every logit is v . (x - cell mean) + b <= b (a cell cannot say
+    "unity" until training raises b above logit(tau)); with two convs a uniform cell scores
+    (a - c) . x + b, above b along a - c."""
     torch.manual_seed(0)
     head = sf.UnityHead(6, channels=4).double()
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
-    v = (head.classify.weight[:, :, 0, 0] @ head.embed.weight[:, :, 0, 0] @ head.reduce.weight[:, :, 0, 0])[0]   # (D,)
-    for f, logits in zip(head.factors, head(x)):
-        deviation = x - sf.nearest_up(F.avg_pool2d(x, f), f)                     # (B, D, h, w)
-        entry = torch.einsum("d,bdhw->bhw", v, deviation) + head.classify.bias
+    b = head.classify.bias.item()
+    for logits in head(unity_logit_ascent(head, x)):
+        assert (logits > b + 1).all()
+    a = (head.classify.weight[0, :, 0, 0] @ head.pixel.weight[:, :, 0, 0] @ head.reduce.weight[:, :, 0, 0])   # (D,)
+    c = (head.classify.weight[0, :, 0, 0] @ head.centroid.weight[:, :, 0, 0] @ head.reduce.weight[:, :, 0, 0])
+    for f, logits in zip(head.factors, head(x)):            # the head as one linear map, then min pooling
+        mean = sf.nearest_up(F.avg_pool2d(x, f), f)                                 # (B, D, 8, 8)
+        entry = torch.einsum("d,bdhw->bhw", a, x) - torch.einsum("d,bdhw->bhw", c, mean) + b
         assert (logits - sf.min_pool(entry[:, None], f)[:, 0]).abs().max() < 1e-12
-        assert (logits <= head.classify.bias + 1e-12).all()         # deviations average to 0 over a cell
 
 
 def literal_context_aggregation(ca, x, theta):
@@ -269,6 +292,15 @@ def test_context_aggregation_matches_position_loop():
 def tiny_model(**kw):
     torch.manual_seed(0)
     return sf.SpecializeFuse(common.ResNet(18, 32), 4, semantic_channels=16, unity_channels=8, **kw)
+
+
+def aligned_up(x, stride):
+    """(B, C, h, w) -> (B, C, stride*h, stride*w), sample j on pixel stride*j, bilinear between samples and
+    the last one repeated: align_corners=True over one appended copy of the last row and column."""
+    h, w = x.shape[-2:]
+    x = F.interpolate(F.pad(x, (0, 1, 0, 1), mode="replicate"), size=(stride * h + 1, stride * w + 1),
+                      mode="bilinear", align_corners=True)
+    return x[..., :stride * h, :stride * w]
 
 
 def mean_ce(logits, target):
@@ -387,7 +419,7 @@ def test_single_output_is_trained_at_the_working_size_as_the_finest_level():
     model = tiny_model(output_format="single", context="none")
     image, target = torch.randn(2, 3, 33, 47), torch.randint(0, 4, (2, 33, 47))
     out = model(image)
-    logits = F.interpolate(out["semantic"][-1], size=(32, 32), mode="bilinear", align_corners=False)
+    logits = aligned_up(out["semantic"][-1], 4)             # at the positions 'out' gives them
     working = F.interpolate(target[:, None].float(), size=(32, 32), mode="nearest")[:, 0].long()
     assert torch.allclose(model.loss(out, target)["total"], mean_ce(logits, working), atol=1e-6)
 
@@ -400,7 +432,7 @@ def test_eval_output_is_the_fused_pyramid(tau, level):
         out = model(image)
     expected = out["semantic"][level] if level == 3 else sf.nearest_up(out["semantic"][0], 8)
     assert (out["level"] == level).all()
-    assert torch.allclose(out["out"], common.resize(expected, (64, 64)))
+    assert torch.allclose(out["out"], aligned_up(expected, 4))
 
 
 def test_finest_inference_takes_the_finest_level_everywhere():
@@ -408,7 +440,76 @@ def test_finest_inference_takes_the_finest_level_everywhere():
     with torch.no_grad():
         a, b = fuse(torch.randn(1, 3, 64, 64)), finest(torch.randn(1, 3, 64, 64))
     assert (a["level"] == 0).all() and (b["level"] == 3).all()
-    assert torch.equal(b["out"], common.resize(b["semantic"][-1], (64, 64)))
+    assert torch.allclose(b["out"], aligned_up(b["semantic"][-1], 4))
+
+
+def hat(n, stride, j, size):
+    """Bilinear weight of sample j of an n-sample map at each of `size` fine pixels, sample i on pixel
+    stride * i and the last sample's value repeated past it: (size,)."""
+    position = (torch.arange(size, dtype=torch.float64) / stride).clamp(max=n - 1)
+    return (1 - (position - j).abs()).clamp(min=0)
+
+
+def test_decoder_puts_each_coarse_sample_on_the_c1_sample_it_was_computed_at():
+    """Stage i's sample (j, k) was computed at input pixel s_i (j, k), which is c1's sample r (j, k),
+    r = s_i / 4: an impulse there must peak on it, bilinear around it (resize put it 0.5, 1.5, 3.5 cells off)."""
+    decoder = sf.LightDecoder((2, 2, 2, 2), (4, 8, 16, 32), channels=(1, 1, 1, 1)).double().eval()
+    for lateral in decoder.lateral:                        # output channel i = input channel 0 of stage i
+        lateral[0].weight.data = torch.tensor([[[[1.0]], [[0.0]]]], dtype=torch.float64)
+        lateral[1].eps = 0.0                               # BN with its initial statistics: the identity
+    features = [torch.zeros(1, 2, 32 // r, 32 // r, dtype=torch.float64) for r in (1, 2, 4, 8)]
+    for f in features:
+        f[0, 0, 1, -1] = 1.0                               # an inner row, the last column
+    with torch.no_grad():
+        out = decoder(features)                                               # (1, 4, 32, 32)
+    for i, (f, r) in enumerate(zip(features, (1, 2, 4, 8))):
+        n = f.shape[-1]
+        expected = torch.outer(hat(n, r, 1, 32), hat(n, r, n - 1, 32))
+        assert (out[0, i] - expected).abs().max() < 1e-12, f"stage {i + 1}"
+        assert out[0, i, r, r * (n - 1)] == 1.0
+
+
+def sampler_model(**kw):
+    """A tiny S&F model (context none, float64) whose ResNet-18 trunk is an exact sampler: every conv keeps
+    its centre tap only, so a change at an input pixel of the stride-32 grid reaches each stride-s stage
+    at the one sample j with s * j on that pixel. Every weight is non-negative and every bias zero, so a
+    zero image gives zero logits and a positive impulse passes every ReLU: the model is linear in it."""
+    torch.manual_seed(0)
+    model = sf.SpecializeFuse(common.ResNet(18, 32), 3, context="none", semantic_channels=8, unity_channels=4,
+                              **kw).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.abs_()
+                if m.bias is not None:
+                    m.bias.zero_()
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                ky, kx = m.kernel_size[0] // 2, m.kernel_size[1] // 2
+                centre = m.weight[:, :, ky, kx].clone()
+                m.weight.zero_()[:, :, ky, kx] = centre
+    return model
+
+
+@pytest.mark.parametrize("kw", [{"output_format": "single"}, {"inference": "finest"}])
+def test_a_one_pixel_input_change_peaks_at_that_pixel_in_the_logits(kw):
+    """End to end: a change at input pixel (96, 64), on every stage's sampling grid, changes 'out' most at
+    (96, 64), symmetrically around it (with `resize` in the decoder and at the output it peaked at (110, 78))."""
+    model = sampler_model(**kw)
+    image = torch.zeros(1, 3, 192, 160, dtype=torch.float64)
+    with torch.no_grad():
+        base = model(image)["out"]
+        image[0, :, 96, 64] = 1.0
+        change = model(image)["out"] - base                                   # (1, K, 192, 160)
+    assert base.abs().max() == 0 and change.min() >= 0
+    for k in range(3):
+        peak = divmod(change[0, k].argmax().item(), 160)
+        assert peak == (96, 64), f"class {k}: peak at {peak}"
+        column, row = change[0, k, :, 64], change[0, k, 96, :]
+        for d in range(1, 32):                             # within the widest (stride-32) branch's reach
+            assert torch.allclose(column[96 - d], column[96 + d], rtol=1e-12, atol=0), d
+            assert torch.allclose(row[64 - d], row[64 + d], rtol=1e-12, atol=0), d
+        assert change[0, k, 96, 64] > change[0, k, 96, 65] > 0
 
 
 @pytest.mark.parametrize("levels", [2, 4])
@@ -447,7 +548,35 @@ def level_inputs(B=2, K=3, size=(30, 61), seed=6):
 def evaluated(semantic, prob, strides, size, tau):
     """'out' and 'level' as SpecializeFuse.forward returns them in eval mode."""
     fused, level = sf.fuse(semantic, prob, strides, tau)
-    return common.resize(fused, size), common.resize(level[:, None].float(), size, "nearest")[:, 0].long()
+    return sf.to_image(fused, size), sf.level_to_image(level, size, len(strides))
+
+
+def test_to_image_puts_finest_sample_j_on_pixel_4j():
+    grid = torch.zeros(1, 1, 4, 6, dtype=torch.float64)
+    grid[0, 0, 2, 5] = 1.0                                  # an inner row, the last column
+    out = sf.to_image(grid, (16, 24))
+    assert torch.equal(out[0, 0], torch.outer(hat(4, 4, 2, 16), hat(6, 4, 5, 24)))
+    assert out[0, 0, 8, 20] == 1 and out[0, 0, 8, 23] == 1   # past the last sample its value repeats
+    image = sf.to_image(grid, (15, 22))                     # a working size that differs: resized back
+    assert torch.allclose(image, common.resize(out, (15, 22)))
+
+
+def test_level_map_is_the_level_that_weighs_most_in_each_pixel():
+    """'level' at each working pixel: the level with the largest bilinear weight among the finest samples
+    around it (as in 'out'; ties to the coarser level), by a loop over the pixels."""
+    g = torch.Generator().manual_seed(7)
+    level = torch.randint(0, 4, (2, 4, 6), generator=g)
+    fast = sf.level_to_image(level, (16, 24), 4)
+    rows, columns = [hat(4, 4, i, 16).tolist() for i in range(4)], [hat(6, 4, j, 24).tolist() for j in range(6)]
+    for b in range(2):
+        for y in range(16):
+            for x in range(24):
+                weight = [0.0] * 4
+                for i in range(4):
+                    for j in range(6):
+                        weight[level[b, i, j]] += rows[i][y] * columns[j][x]
+                assert fast[b, y, x] == weight.index(max(weight)), (b, y, x)   # the first (coarser) on a tie
+    assert torch.equal(fast[:, ::4, ::4], level)           # sample j on pixel 4j
 
 
 def test_level_confusion_matches_pixel_count():
@@ -456,8 +585,8 @@ def test_level_confusion_matches_pixel_count():
     out, level = evaluated(semantic, prob, strides, size, tau=0.6)
     confusion = sf.level_confusion({"semantic": semantic, "level": level}, target, K)
     slow = torch.zeros(4, 4, K, K, dtype=torch.long)
-    pred = [F.interpolate(y.repeat_interleave(s // 4, 2).repeat_interleave(s // 4, 3), size=tuple(size),
-                          mode="bilinear", align_corners=False).argmax(1) for y, s in zip(semantic, strides)]
+    pred = [F.interpolate(aligned_up(sf.nearest_up(y, s // 4), 4), size=tuple(size), mode="bilinear",
+                          align_corners=False).argmax(1) for y, s in zip(semantic, strides)]
     for b, i, j in (target != IGNORE_INDEX).nonzero().tolist():
         for l_sem in range(4):
             slow[level[b, i, j], l_sem, target[b, i, j], pred[l_sem][b, i, j]] += 1
@@ -536,3 +665,17 @@ def test_flags_that_change_nothing_are_errors(flags):
                 tau=None, finest_target=None, unity_channels=None, semantic_channels=16)
     with pytest.raises(common.InputError, match="would change nothing"):
         sf.build_model(argparse.Namespace(**{**args, **flags}))
+
+
+def test_single_output_with_anl_multi_is_refused():
+    """Table 6 has no single-output ANL-multi ("-"): ANL-multi is ANL at each level of the pyramidal output."""
+    import train                                           # only to produce every flag build_model reads
+    flags = ["--method", "specialize_fuse", "--backbone", "resnet18", "--semantic-channels", "16",
+             "--context", "anl-multi"]
+    args = train.parse_args(flags)
+    args.num_classes = 4
+    assert isinstance(sf.build_model(args), sf.SpecializeFuse)
+    args = train.parse_args(flags + ["--output-format", "single"])
+    args.num_classes = 4
+    with pytest.raises(common.InputError, match="no paper row"):
+        sf.build_model(args)

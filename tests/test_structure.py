@@ -39,7 +39,7 @@ def import_graph():
 
 def test_the_project_modules_are_what_the_readme_lists():
     assert set(project_modules()) == {"common", "train", *METHOD_FILES, "tools.costs", "tools.predict",
-                                      "tools.boundary_f", "tools.sampling"}
+                                      "tools.boundary_f", "tools.sampling", "tools.convert_nvidia"}
 
 
 def test_imports_flow_one_way():

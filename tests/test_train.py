@@ -308,12 +308,12 @@ def test_finetune_starts_the_layers_a_pretrained_model_never_had_fresh(tmp_path,
     argv[argv.index("--head-channels") + 1] = "8"
     plain, _ = train.main(argv + ["--iters", "1", "--ms-mode", "average", "--out", str(tmp_path / "pre")])
     start = argv + ["--iters", "1", "--lr", "0", "--checkpoint", str(tmp_path / "pre" / "best.pt"), "--out", str(tmp_path / "o")]
-    with pytest.raises(common.InputError, match=r"missing keys \(attn_head"):
+    with pytest.raises(common.InputError, match=r"missing keys \(scale_attn"):
         train.main(start)
     capsys.readouterr()
     attention, _ = train.main(start + ["--finetune"])
     fresh = capsys.readouterr().out.split("--finetune: ")[1].splitlines()[0]
-    assert "attn_head" in fresh and "backbone" not in fresh
+    assert "scale_attn" in fresh and "backbone" not in fresh
     pre = plain.state_dict()
     for name, value in attention.state_dict().items():
         if name in pre and "running" not in name and "num_batches" not in name:
