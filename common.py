@@ -90,7 +90,12 @@ def upsample_strided(x, size, stride):
     if not (stride * (h - 1) < H <= stride * h and stride * (w - 1) < W <= stride * w):
         raise ValueError(f"a ({h}, {w}) map of stride {stride} does not cover ({H}, {W})")
     pad_h, pad_w = int(H != stride * (h - 1) + 1), int(W != stride * (w - 1) + 1)
-    x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x   # (B, C, h', w')
+    # the last row / column repeated by concatenation: F.pad(mode="replicate") would keep x alive for
+    # its backward, a second map until the training step's peak
+    if pad_h:
+        x = torch.cat([x, x[..., -1:, :]], -2)                                # (B, C, h + 1, w)
+    if pad_w:
+        x = torch.cat([x, x[..., -1:]], -1)                                   # (B, C, h', w + 1)
     span = (stride * (h - 1 + pad_h) + 1, stride * (w - 1 + pad_w) + 1)
     x = F.interpolate(x, size=span, mode="bilinear", align_corners=True)
     return x[..., :H, :W]                                                     # (B, C, H, W)
@@ -1043,13 +1048,16 @@ CITYSCAPES_TRAIN_ID_TO_ID[list(CITYSCAPES_ID_TO_TRAIN_ID.values())] = list(CITYS
 
 
 def cityscapes(root, split):
-    layout = "ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, ROOT/gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png (or _labelIds.png)"
-    images, labels = os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split)
+    """train / val / test read gtFine; train_extra (the 19,998 coarsely annotated images) reads gtCoarse."""
+    kind = "gtCoarse" if split == "train_extra" else "gtFine"
+    layout = (f"ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, ROOT/{kind}/SPLIT/CITY/*_{kind}_labelTrainIds.png "
+              f"(or _labelIds.png; gtCoarse for train_extra)")
+    images, labels = os.path.join(root, "leftImg8bit", split), os.path.join(root, kind, split)
     try:
-        return matched_pairs(images, labels, "_leftImg8bit.png", "_gtFine_labelTrainIds.png", "cityscapes", layout), None
+        return matched_pairs(images, labels, "_leftImg8bit.png", f"_{kind}_labelTrainIds.png", "cityscapes", layout), None
     except InputError:                                         # no trainIds files: map labelIds on the fly
         lut = lut_from_pairs({i: CITYSCAPES_ID_TO_TRAIN_ID.get(i, IGNORE_INDEX) for i in range(34)})
-        return matched_pairs(images, labels, "_leftImg8bit.png", "_gtFine_labelIds.png", "cityscapes", layout), lut
+        return matched_pairs(images, labels, "_leftImg8bit.png", f"_{kind}_labelIds.png", "cityscapes", layout), lut
 
 
 def ade20k(root, split):
@@ -1291,7 +1299,7 @@ MAPILLARY_V12_CLASSES = (
 
 # --dataset NAME -> (class names, layout function, split names): the literal table of what can be read.
 DATASETS = {
-    "cityscapes": (CITYSCAPES_CLASSES, cityscapes, ("train", "val", "test")),
+    "cityscapes": (CITYSCAPES_CLASSES, cityscapes, ("train", "val", "test", "train_extra")),
     "ade20k": (ADE20K_CLASSES, ade20k, ("train", "val")),
     "pascal_context59": (PASCAL_CONTEXT59_CLASSES, pascal_context59, ("train", "val")),
     "pascal_context60": (PASCAL_CONTEXT60_CLASSES, pascal_context60, ("train", "val")),

@@ -100,7 +100,7 @@ def add_training_args(parser):
     g.add_argument("--poly-power", type=common.ranged(float, 0), default=0.9, help="power of the poly schedule")
     g.add_argument("--warmup-iters", type=common.ranged(int, 0), default=0, help="linear warm-up iterations")
     g.add_argument("--freeze-bn", action="store_true",
-                   help="keep every BatchNorm's statistics and affine fixed (GALD v2 Sec. IV-D, the coarse-data stage)")
+                   help="keep every BatchNorm's statistics and affine fixed (GALD v2 Sec. IV-E, the coarse-data stage)")
     g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (fp16 with GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on tensor cores)")
     g.add_argument("--compile", action="store_true",

@@ -751,3 +751,19 @@ def test_colorize_maps_each_class_to_its_palette_colour_and_ignore_to_black():
     palette = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
     colours = np.asarray(predict.colorize(np.array([[2, 0], [255, 1]], np.uint8), palette))
     assert colours.tolist() == [[[70, 80, 90], [10, 20, 30]], [[0, 0, 0], [40, 50, 60]]]
+
+
+def test_cityscapes_train_extra_reads_the_coarse_annotations(tmp_path):
+    """GALD v2 Table VII's coarse stage: train_extra pairs leftImg8bit/train_extra with gtCoarse/train_extra
+    (labelTrainIds as they are, labelIds through the 34 -> 19 map), and the fine splits never read gtCoarse."""
+    root = str(tmp_path)
+    raw = stripes([7, 26, 33, 0, 1])
+    for city in CITIES:
+        stem = os.path.join(city, f"{city}_000001_000019")
+        write_image(os.path.join(root, "leftImg8bit", "train_extra", stem + "_leftImg8bit.png"))
+        write_label(os.path.join(root, "gtCoarse", "train_extra", stem + "_gtCoarse_labelIds.png"), raw)
+    ds = common.file_dataset("cityscapes", root, "train_extra")
+    assert len(ds) == 2 and all("gtCoarse" in label for _, label in ds.pairs)
+    np.testing.assert_array_equal(ds.load(0)[1], mapped(raw, LAYOUTS["cityscapes"]["mapping"]))
+    with pytest.raises(common.InputError, match="gtFine"):
+        common.file_dataset("cityscapes", root, "train")
