@@ -30,8 +30,9 @@ Table 8's rows: "single output" = output_format 'single'; "aux. supervision" = r
 inference 'finest' (the literal reading: the coarser levels are plain auxiliary losses on their Sec. 3.1
 targets; see add_args); "specialize & fuse" = the defaults.
 
-Backbone: HRNet (HRNet48 rows of Tables 1-5, HRNet32 ablations of Tables 6-9) is not implemented;
-we build the ResNet101 of Sec. 5.1.2 (the ResNet101 rows of Tables 1-4) and run the ablations on it.
+Backbone (Sec. 5.1.2): HRNetV2 (`--backbone hrnet48`, the HRNet48 rows of Tables 1-5; `hrnet32`, the
+ablations of Tables 6-9), the heads reading its stride-4 concat (common.hrnet_features, D = 720 / 480),
+or a standard ResNet (ResNet101 rows of Tables 1-4) with the LightDecoder below.
 
 forward(image) returns a dict ((H', W') the working size of Sec. 3.1, levels coarsest first)
     'semantic' list of (B, K, H'/s, W'/s) logits per level (the single output: the finest only)
@@ -54,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IGNORE_INDEX, InputError, SegModel, autocast, build_backbone, build_datasets, confusion_matrix,
-                    conv_bn_relu, cross_entropy, file_dataset, load_checkpoint, load_weights, ranged, resize,
+from common import (HRNet, IGNORE_INDEX, InputError, SegModel, autocast, build_backbone, build_datasets, confusion_matrix,
+                    conv_bn_relu, cross_entropy, file_dataset, hrnet_features, load_checkpoint, load_weights, ranged, resize,
                     segmentation_metrics, upsample_strided)
 
 FINEST_STRIDE = 4                              # s_L, the backbone's output stride (Sec. 3.1, 5.1.3)
@@ -405,8 +406,10 @@ class SpecializeFuse(SegModel):
         self.backbone = backbone
         self.strides = STRIDES[levels]
         self.relabel_policy, self.inference, self.tau, self.finest_target = relabel, inference, tau, finest_target
-        self.decoder = LightDecoder(backbone.channels, backbone.strides, channels=decoder_channels)
-        dim = sum(decoder_channels)                            # D = 720
+        # Sec. 5.1.2: HRNet's heads read its stride-4 concat directly; a ResNet gets the light decoder
+        hrnet = isinstance(backbone, HRNet)
+        self.decoder = None if hrnet else LightDecoder(backbone.channels, backbone.strides, channels=decoder_channels)
+        dim = sum(backbone.channels if hrnet else decoder_channels)   # D = 720 (HRNet-W48 or the decoder), 480 W32
         # NOTE(paper-gap): Table 6 "ANL" = one ANL block appended to the backbone feature X (D channels),
         # because "ANL" there is a contextual module of the backbone, as in the HRNet48 + ANL rows of Tables 1-5
         self.anl = ContextAggregation(dim) if context == "anl" else None
@@ -418,7 +421,8 @@ class SpecializeFuse(SegModel):
     def forward(self, image):
         H, W = image.shape[-2:]
         x = resize(image, working_size((H, W), self.strides[0]))   # Sec. 3.1: sides divisible by s_1
-        x = self.decoder(self.backbone(x))                     # X (B, D, h, w), h = H'/4
+        features = self.backbone(x)
+        x = hrnet_features(features) if self.decoder is None else self.decoder(features)   # X (B, D, H'/4, W'/4)
         if self.anl is not None:
             x = self.anl(x, pyramid_pool(x))
         outputs = {"semantic": self.semantic_head(x)}          # [(B, K, H'/s, W'/s)] coarsest first
@@ -538,13 +542,12 @@ def level_analysis(model, dataset, device):
     return confusion, fused
 
 
-# Table 5 (512 x 512, batch 4 in training, an RTX 2080 Ti, HRNet-W48) for --benchmark --against-paper,
-# with the ResNet-101 variant (no HRNet here). Every quantity relative to the bare model (the
-# standard single output, no context module: the "HRNet48" row); the paper's FPS and it/s are
-# written as times (1000 / FPS ms), its memory in GB.
+# Table 5 (512 x 512, batch 4 in training, an RTX 2080 Ti, HRNet-W48) for --benchmark --against-paper.
+# Every quantity relative to the bare model (the standard single output, no context module: the
+# "HRNet48" row); the paper's FPS and it/s are written as times (1000 / FPS ms), its memory in GB.
 PAPER_COSTS = dict(
-    title="Specialize and Fuse Table 5: cost relative to the bare model, 512 x 512, batch 4, ResNet-101",
-    flags=["--backbone", "resnet101", "--crop-size", "512", "--batch-size", "4"],
+    title="Specialize and Fuse Table 5: cost relative to the bare model, 512 x 512, batch 4, HRNet-W48",
+    flags=["--backbone", "hrnet48", "--crop-size", "512", "--batch-size", "4"],
     quantities={"test time": ("forward_ms", "relative"), "training step time": ("train_step_ms", "relative"),
                 "training memory": ("train_step_peak_mib", "relative"), "GFLOPs": ("gflops_forward", "relative")},
     rows=[("bare (HRNet48 row)", ["--output-format", "single", "--context", "none"],
@@ -603,8 +606,8 @@ def build_model(args):
     if args.tau is not None and inference == "finest" and relabel != "true-positive":
         raise InputError(f"specialize_fuse: --tau would change nothing: --inference finest never fuses and "
                          f"--relabel {relabel} never reads the unity prediction")
-    # the paper uses the standard ResNet (output stride 32) and decodes to stride 4 (Sec. 5.1.2)
-    return SpecializeFuse(build_backbone(args, output_stride=32), args.num_classes,
+    # the paper uses HRNetV2, or the standard ResNet (output stride 32) decoded to stride 4 (Sec. 5.1.2)
+    return SpecializeFuse(build_backbone(args, output_stride=32, hrnet=True), args.num_classes,
                           output_format=args.output_format, context=args.context, relabel=relabel,
                           inference=inference, levels=given_or(args.pyramid_levels, 4),
                           tau=given_or(args.tau, 0.9), finest_target=given_or(args.finest_target, "cells"),

@@ -679,3 +679,24 @@ def test_single_output_with_anl_multi_is_refused():
     args.num_classes = 4
     with pytest.raises(common.InputError, match="no paper row"):
         sf.build_model(args)
+
+
+def test_hrnet_heads_read_its_stride_4_concat():
+    """Sec. 5.1.2: on HRNetV2 the heads read hrnet_features directly (D = the sum of the branch widths:
+    720 for W48, 480 for W32, 240 for W18-small), with no light decoder; on a ResNet, D = 720 from it."""
+    import train
+    base = ["--method", "specialize_fuse", "--dataset", "synthetic", "--num-classes", "4"]
+    model = sf.build_model(train.parse_args(base + ["--backbone", "hrnet18-small"]))
+    assert model.decoder is None and model.semantic_head.project.in_channels == 240
+    assert model.unity_head.reduce.in_channels == 240
+    model.train()
+    out = model(torch.randn(2, 3, 64, 96))
+    assert [tuple(s.shape) for s in out["semantic"]] == [(2, 4, 64 // s, 96 // s) for s in (32, 16, 8, 4)]
+    model.loss(out, torch.randint(0, 4, (2, 64, 96)))["total"].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()), "a parameter got no gradient"
+    with torch.device("meta"):
+        for name, width in (("hrnet48", 720), ("hrnet32", 480)):
+            m = sf.build_model(train.parse_args(base + ["--backbone", name]))
+            assert m.decoder is None and m.semantic_head.project.in_channels == width
+        r = sf.build_model(train.parse_args(base + ["--backbone", "resnet101"]))
+        assert r.decoder is not None and r.semantic_head.project.in_channels == 720
