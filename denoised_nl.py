@@ -372,20 +372,6 @@ class DenoisedNLNet(SegModel):
         return {"main": main, "aux_layer2": l2, "aux_layer3": l3, "total": total}
 
 
-# Table V (the cost the module adds over the baseline network, 768 x 768, ResNet-101) for --benchmark
-# --against-paper. Ours: the evaluation forward's GFLOPs (GR's layer3 head included, 0.36) and the
-# training step's peak of live tensors (MiB; the paper's MB and way of measuring are not stated).
-PAPER_COSTS = dict(
-    title="Denoised NL Table V: FLOPs and memory added over the baseline, 1 x 3 x 768 x 768, ResNet-101",
-    flags=["--backbone", "resnet101", "--stem", "deep", "--multi-grid", "1", "2", "4", "--crop-size", "768",
-           "--batch-size", "1"],
-    quantities={"GFLOPs": ("gflops_forward", "added"), "memory": ("train_step_peak_mib", "added"),
-                "params (M)": ("params_total", "added")},
-    rows=[("baseline (--block none)", ["--block", "none"], {}),
-          ("+ NL", ["--no-global-rectifying", "--no-local-retention"], {"GFLOPs": 7.63, "memory": 407}),
-          ("+ Denoised NL", [], {"GFLOPs": 7.83, "memory": 428})])
-
-
 def add_args(parser):
     # Flags that only matter with the block on default to None here, so that build_model can tell a
     # flag given on the command line (and rejected where it would change nothing) from a default.

@@ -248,20 +248,6 @@ LDV2_FLAGS = {"ld_combine": "combine", "ld_kernel": "kernel_size", "ld_dilation"
               "affinity_pixel": "affinity_pixel"}
 
 
-# Table IV (1 x 3 x 512 x 512, ResNet-50, GA = ASPP, one V100) for --benchmark --against-paper; the
-# paper's times are relative to its GA row here (ours are on other hardware), its "+0.4M" added.
-PAPER_COSTS = dict(
-    title="GALD v2 Table IV: computation time and parameters, 1 x 3 x 512 x 512, ResNet-50 (deep stem), GA = ASPP",
-    flags=["--backbone", "resnet50", "--stem", "deep", "--crop-size", "512", "--batch-size", "1"],
-    quantities={"Param (M)": ("params_total", "absolute"), "Param added (M)": ("params_total", "added"),
-                "Time": ("forward_ms", "relative"), "GFLOPs": ("gflops_forward", "absolute")},
-    rows=[("GA (ASPP)", ["--ld", "none"], {"Param (M)": 47.5, "Time": 65}),
-          ("FCN (Baseline)", ["--method", "fcn"], {"Time": 60}),
-          ("GA + LDv1", ["--ld", "v1"], {"Param added (M)": 0.4, "Time": 70}),
-          ("GA + LDv2", [], {"Param added (M)": 2.3, "Time": 82}),
-          ("GA, ResNet-101", ["--ld", "none", "--backbone", "resnet101"], {"Param (M)": 65.4, "Time": 120})])
-
-
 def add_args(parser):
     group = parser.add_argument_group("galdv2: GALD v2 with dynamic Local Distribution (TIP 2021)")
     group.add_argument("--ga", default="aspp", choices=["aspp", "psp", "nl", "cgnl", "none"],

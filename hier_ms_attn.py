@@ -519,19 +519,6 @@ class HierarchicalMultiScaleAttention(SegModel):
         return out
 
 
-# Table 1 (Mapillary, DeepLab V3+ ResNet-50, training cost relative to single scale; V100 minibatch
-# times) for --benchmark --against-paper, at 2 x 3 x 256 x 256 (the ratios do not depend on the size;
-# batch 2 because the BN after the ASPP's image pooling needs more than one value per channel).
-PAPER_COSTS = dict(
-    title="HMSA Table 1: training FLOPs and minibatch time relative to single-scale training, ResNet-50",
-    flags=["--backbone", "resnet50", "--crop-size", "256", "--batch-size", "2"],
-    quantities={"FLOPS": ("gflops_train_step", "relative"), "minibatch time": ("train_step_ms", "relative"),
-                "peak memory (MiB)": ("train_step_peak_mib", "absolute")},
-    rows=[("Single Scale", ["--ms-mode", "average"], {"FLOPS": 1.00, "minibatch time": 0.80}),
-          ("Hierarchical (ours), 0.5 1.0", [], {"FLOPS": 1.25, "minibatch time": 1.17}),
-          ("Explicit, 0.5 1.0 2.0", ["--ms-mode", "explicit"], {"FLOPS": 5.25, "minibatch time": 3.08})])
-
-
 def add_args(parser):
     group = parser.add_argument_group("hier_ms_attn: Hierarchical Multi-Scale Attention")
     group.add_argument("--decoder", choices=("deeplab", "ocr", "none"), default=None,

@@ -542,21 +542,6 @@ def level_analysis(model, dataset, device):
     return confusion, fused
 
 
-# Table 5 (512 x 512, batch 4 in training, an RTX 2080 Ti, HRNet-W48) for --benchmark --against-paper.
-# Every quantity relative to the bare model (the standard single output, no context module: the
-# "HRNet48" row); the paper's FPS and it/s are written as times (1000 / FPS ms), its memory in GB.
-PAPER_COSTS = dict(
-    title="Specialize and Fuse Table 5: cost relative to the bare model, 512 x 512, batch 4, HRNet-W48",
-    flags=["--backbone", "hrnet48", "--crop-size", "512", "--batch-size", "4"],
-    quantities={"test time": ("forward_ms", "relative"), "training step time": ("train_step_ms", "relative"),
-                "training memory": ("train_step_peak_mib", "relative"), "GFLOPs": ("gflops_forward", "relative")},
-    rows=[("bare (HRNet48 row)", ["--output-format", "single", "--context", "none"],
-           {"test time": 1000 / 28, "training step time": 1000 / 2.6, "training memory": 8.2}),
-          ("+ ANL", ["--output-format", "single", "--context", "anl"],
-           {"test time": 1000 / 26, "training step time": 1000 / 2.2, "training memory": 8.6}),
-          ("+ ours", [], {"test time": 1000 / 24, "training step time": 1000 / 2.0, "training memory": 8.9})])
-
-
 def add_args(parser):
     group = parser.add_argument_group("specialize_fuse: Specialize and Fuse (ICCV 2021)")
     group.add_argument("--output-format", choices=("pyramidal", "single"), default="pyramidal",

@@ -31,7 +31,7 @@ import galdv1
 import galdv2
 import hier_ms_attn
 import specialize_fuse
-from tools import boundary_f, costs, predict, sampling
+from tools import boundary_f, costs, paper_costs, predict, sampling
 
 # Every method: (add its argument group, build its model). train.py never branches on the name.
 METHODS = {
@@ -668,13 +668,13 @@ def benchmark(args):
 
 
 def against_paper(args, argv):
-    """--benchmark --against-paper: every row of the method's PAPER_COSTS (a method file's table of
-    its paper's costs) benchmarked with the table's flags, then the command line's (which may
+    """--benchmark --against-paper: every row of the method's table in tools/paper_costs.py (its
+    paper's costs) benchmarked with the table's flags, then the command line's (which may
     override them: --amp, a smaller --backbone), then the row's own; one table."""
-    module = sys.modules[METHODS[args.method][1].__module__]
-    paper = getattr(module, "PAPER_COSTS", None)
+    paper = paper_costs.PAPER_COSTS.get(args.method)
     if paper is None:
-        raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper (PAPER_COSTS)")
+        raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper "
+                                f"(tools/paper_costs.py has {', '.join(paper_costs.PAPER_COSTS)})")
     results = []
     for label, flags, _ in paper["rows"]:
         row_args = parse_args(paper["flags"] + [a for a in argv if a != "--against-paper"] + flags)
