@@ -1,92 +1,36 @@
 """Denoised NL: a non-local block whose attention map is denoised before it is used.
 
 Paper: "Denoised Non-Local Neural Network for Semantic Segmentation", Q. Song, J. Li, H. Guo, R. Huang,
-IEEE Transactions on Neural Networks and Learning Systems (TNNLS) 2023, arXiv:2110.14200.
-Official model code: github.com/maggiesong7/DenoisedNL, model.py (the model only: no training code);
-"model.py" below means that file.
+IEEE Transactions on Neural Networks and Learning Systems (TNNLS) 2023, https://arxiv.org/abs/2110.14200.
+Authors' code: maggiesong7/DenoisedNL, model.py (the model only, no training code; "model.py" below).
 
-Idea (Sec. I, III-C). The attention map A of a non-local block is noisy: it attends to pixels of other
-classes (inter-class noise) and has holes inside the attended object (intra-class noise). The Global
-Rectifying (GR) block multiplies A by a class-agreement map P_class = sigmoid(P^T P) built from coarse
-class probabilities P (A' = A * P_class); the Local Retention (LR) block then replaces every weight
-A'[i, j] by a sum over the k x k neighbours j + d of key j, weighted by the local similarity
-S_l[j, d] = sigmoid(q_j . k_{j+d}) (A''). F' = gamma * A'' V + F (Eq. 3). The block runs at 1/16.
+Idea (Sec. I, III-C). A non-local block's attention A attends to other classes (inter-class noise) and
+has holes inside the attended object (intra-class noise). Global Rectifying (GR) multiplies A by the class
+agreement sigmoid(P^T P) of coarse class probabilities P (A'); Local Retention (LR) sums A' over the k x k
+neighbours of each key, weighted by their similarity to it (A''). F' = gamma * A'' V + F (Eq. 3) at 1/16.
 
-Map from the code to the paper:
-    reduction            Sec. III-B, Fig. 3 "Reduction": 3x3 conv, then a Basic Block with stride 2 -> F
-    class_agreement      Sec. III-D, Fig. 4(a): P_class = sigmoid(P^T P)
-    local_similarity     Sec. III-E, Fig. 4(b): S_l, sigmoid of query . key over a k x k window
-    local_retention      Sec. III-E, Fig. 4(b): A'' from the local windows of A' and S_l
-    LocalRetention       the autograd Function behind it: forward, and a backward into one buffer
-    DenoisedNLBlock      Sec. III-C to III-E, Eqs. (3)-(4): Q, K, V, A, A', A'', F'
-    class_map_step       Sec. III-D: which layer3 samples GR's P is read at (F's own, see Alignment)
-    DenoisedNLNet        Sec. III-B (head on concat(X, F', global context)), Sec. III-F (dilated
-                         ResNet at 1/8, deep supervision on res2/res3, Eq. (5)); `block` swaps the
-                         Denoised NL for Table III's PPM / ASPP (galdv1.py's modules) or for nothing
+    reduction           Sec. III-B, Fig. 3 "Reduction": 3x3 conv, Basic Block with stride 2 -> F
+    class_agreement     Sec. III-D, Fig. 4(a): P_class = sigmoid(P^T P)
+    local_similarity    Sec. III-E, Fig. 4(b): S_l[j, d] = sigmoid(q_j . k_{j+d})
+    local_retention     Sec. III-E, Fig. 4(b): A'' (LocalRetention: its forward and one-buffer backward)
+    DenoisedNLBlock     Sec. III-C to III-E, Eqs. (3)-(4): Q, K, V, A, A', A'', F'
+    DenoisedNLNet       Sec. III-B head on concat(X, F', GAP context), Sec. III-F deep supervision, Eq. (5)
 
 DenoisedNLNet.forward(image) -> dict
     'out'                      (B, K, H, W) logits
     'aux_layer2', 'aux_layer3' (B, K, H, W) deep-supervision logits (training only)
-    'maps'                     eval with block='denoised': {'map1_A', 'map2_A_gr', 'map3_A_lr'}, each
-                               (B, 1, h, w) on the 1/16 key grid: row i of A, A', A'' for the query
-                               pixel `map_pixel` (Fig. 11, maps #1-#3), divided by its maximum
-                               (A' = A with GR off, A'' = A' with LR off).
+    'maps'                     eval, block='denoised': {'map1_A', 'map2_A_gr', 'map3_A_lr'}, each (B, 1, h, w)
+                               at 1/16: row i of A, A', A'' for the query pixel `map_pixel`, max 1 (Fig. 11)
 
-Where P comes from (`class_map`, Sec. III-D against Table V). Sec. III-D predicts P_coarse "via a 1x1
-convolutional layer" on F, but Eq. (5) supervises only the output and res2/res3: such a conv is never
-supervised, and sigmoid(P^T P) of an unsupervised map has no class meaning. Table V prices the block
-at +7.83 GFLOPs, +0.20 over the plain non-local block's +7.63. At its 1x512x48x48 input (N = 2304,
-K = 19; convolutions and matrix products, 2 FLOPs per multiply-add) the non-local block counts 7.625
-GFLOPs and P^T P adds 2 N^2 K = 0.202: 7.827, the paper's 7.83, with P supplied from outside the
-block. Like the paper's counter, evidently, this leaves out the element-wise work: Local Retention's
-k*k-term sum, 2 k^2 N^2 = 0.0956 GFLOPs at k = 3 (a multiply-add per term of the whole window, as
-model.py's unfold computes it), and A * P_class, N^2 = 0.0053: 0.1009 GFLOPs in all (7.93 with them),
-besides the softmax and the sigmoids. A 1x1 conv 512 -> 19 on F would add 0.045 (7.87). So the
-measured model took P from outside, as model.py does: the softmax of the supervised layer3 (res3) aux
-head. class_map='aux' (the default) does that: P = softmax of the layer3 aux logits read at F's own
-samples (see Alignment); in paper mode that head is Sec. III-F's "linear function" (a 1x1 conv),
-supervised by Eq. (5)'s lambda2 term, so P is still predicted "via a 1x1 convolutional layer", on
-res3 instead of F. GR's gradient reaches that head, and it also runs in eval (at 768 x 768: +0.36
-GFLOPs for the 1x1 head, +87.2 for follow_code's 3x3 head, which model.py also runs in eval).
-class_map='conv' is Sec. III-D's literal reading (a 1x1 conv on F, with a bias, no loss of its own).
-
-Alignment (as model.py at its 769 = 8 * 96 + 1 crops, where align_corners=True puts every strided
-sample on the pixel it was computed at). A conv stack of total stride s with padding k // 2 computes
-its sample j at input pixel s * j; every up-sampling keeps it there (common.upsample_strided): the
-logits of layer4 and of the layer3 / layer2 aux heads onto the image, F' (stride 2 over X) onto X's
-grid. GR reads P at F's own samples: the stride-2 Reduction computed F's sample i at X's sample 2i,
-so P is the layer3 logits' sample (2 s4 / s3) * i (every second sample when layer3 and layer4 share
-a stride), which model.py's align_corners=True resize of those logits returns at its crops.
-
-Index convention (as model.py): A[i, j] is query i attending to key j, softmax over j;
-A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], the window runs over the KEY index j, offsets d in
-row-major (oy, ox) order, A' zero outside the key grid.
-Memory and speed: model.py unfolds A' into a (B, N, k*k, N) tensor. LocalRetention computes the same
-sum as k*k shifted multiply-adds into one (B, n, N) output, and its backward accumulates the gradient
-of A' into one buffer of that size (autograd of shifted slices would make one zero-filled padded copy
-per offset). The queries are processed in chunks of `query_chunk` rows, so a whole 1024x2048 image
-(N = 8192) fits.
-
-Backbone: model.py dilates EVERY block of layer3 by 2 and of layer4 by 4 x multi-grid (1, 2, 4), i.e.
-4, 8, 16 (PSPNet's convention, common.py's default dilation style); use --multi-grid 1 2 4.
-
-Eq. (4) as printed divides by a sum over the query index i; the text calls it a softmax over "all
-possible positions" (Eq. 2) and model.py normalises over the keys j, as we do. Paper gaps are marked
-NOTE(paper-gap) at their lines. Also: "res2/res3" of Sec. III-F are the outputs of layer2/layer3
-(model.py; in ResNet's own naming res2 would be layer1); "+NL" (Table IV) here is the paper's own
-non-local formulation, GR and LR off (Eqs. 3-4, Q/K of 64 channels and the gamma residual), not Wang
-et al.'s block with its W_z projection and BN; Table IV's other rows (OCNet, CCNet, DANet, DRANet) are
-other papers' modules and are not implemented.
-Deviations: plain PyTorch init (model.py: kaiming_normal_(a=1) on every conv); BN, not SyncBN,
-unless train.py converts it.
-
-follow_code=True changes exactly these (model.py, where it disagrees with the paper):
-    - no global-average-pooling branch: the head sees concat(X, F') only;
-    - F' is up-sampled and passed through a 3x3 conv + BN + ReLU before the concat;
-    - Dropout2d(0.05) in the head;
-    - the aux heads are 3x3 conv (64 / 512 ch) + BN + ReLU + Dropout2d(0.05) + 1x1, not the paper's
-      "linear function" (a 1x1 conv); with class_map='aux' GR's P comes from this layer3 head.
-Where P comes from is `class_map`, not follow_code (model.py's choice, 'aux', is the default).
+Deviations and gaps, each reasoned at its NOTE(paper-gap) in:
+    reduction           3x3 conv to C = 512; the Basic Block's shortcut is a 3x3 stride-2 conv
+    WINDOW_SIZE         k = 3
+    local_retention     the window runs over the key index j, A' zero outside the key grid
+    DenoisedNLBlock     C' = 64, no conv bias; Eq. (4) normalised over the keys j (attention); P a softmax
+    DenoisedNLNet       GR's P from the layer3 aux head (class_map='aux'), read at F's samples; plain init;
+                        Table III's PPM / ASPP at F's stride; the Baseline keeps the Reduction and the
+                        head; head width 512; GAP -> 1x1 to C; res2 / res3 = layer2 / layer3
+BN, not SyncBN, unless train.py converts it; model.py's backbone is --multi-grid 1 2 4.
 """
 import argparse
 
@@ -100,19 +44,15 @@ from common import (BasicBlock, InputError, SegModel, build_backbone, conv_bn_re
 from galdv1 import build_ga
 
 BLOCKS = ("denoised", "psp", "aspp", "none")
-MAP_NAMES = ("map1_A", "map2_A_gr", "map3_A_lr")                        # rows of A, A', A'' (Fig. 11)
 CLASS_MAPS = ("aux", "conv")
+MAP_NAMES = ("map1_A", "map2_A_gr", "map3_A_lr")                        # rows of A, A', A'' (Fig. 11)
+WINDOW_SIZE = 3   # NOTE(paper-gap): k = 3 because model.py uses a 3x3 nn.Unfold; the paper only says k x k
+MAP_PIXEL = (0.5, 0.5)                                                 # the query pixel of 'maps': the centre
+AUX_WEIGHTS = (1.0, 1.0)                                               # Sec. III-F: lambda1 = lambda2 = 1.0
 
 
-def reduction(in_channels, channels):
-    """Sec. III-B 'Reduction': 3x3 conv to `channels`, then a Basic Block whose first 3x3 conv has
-    stride 2 (1/8 -> 1/16) and whose residual connection eases optimisation. Output: F."""
-    # NOTE(paper-gap): the first conv is 3x3 to C = 512 and the Basic Block's shortcut is a 3x3 conv
-    # with stride 2 + BN + ReLU because maggiesong7/DenoisedNL model.py does so; the paper says only
-    # "a convolution layer" and "a Basic Block".
-    shortcut = conv_bn_relu(channels, channels, 3, stride=2)
-    return nn.Sequential(conv_bn_relu(in_channels, channels, 3),
-                         BasicBlock(channels, channels, stride=2, downsample=shortcut))
+# ----------------------------------------------------------------------------------------------
+# Helpers
 
 
 def window_offsets(window):
@@ -130,6 +70,32 @@ def window_overlaps(size, window):
         y0, y1, x0, x1 = max(0, -oy), min(H, H - oy), max(0, -ox), min(W, W - ox)
         if y1 > y0 and x1 > x0:
             yield d, (slice(y0, y1), slice(x0, x1)), (slice(y0 + oy, y1 + oy), slice(x0 + ox, x1 + ox))
+
+
+def class_map_step(strides):
+    """How far apart F's samples lie on the layer3 logits' grid, from the backbone's four strides:
+    F (the Reduction's stride 2 on layer4) has stride 2 * s4, layer3 s3. Sample step * i of the
+    layer3 logits is F's sample i (every second one when layer3 and layer4 share a stride)."""
+    s3, s4 = strides[2:]
+    if 2 * s4 % s3:
+        raise InputError(f"denoised_nl: GR reads P at F's samples, but F's stride {2 * s4} is not a multiple "
+                         f"of layer3's stride {s3}; take P from a conv on F (class_map='conv')")
+    return 2 * s4 // s3
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks, in the paper's order
+
+
+def reduction(in_channels, channels):
+    """Sec. III-B 'Reduction': 3x3 conv to `channels`, then a Basic Block whose first 3x3 conv has
+    stride 2 (1/8 -> 1/16) and whose residual connection eases optimisation. Output: F."""
+    # NOTE(paper-gap): the first conv is 3x3 to C = 512 and the Basic Block's shortcut is a 3x3 conv
+    # with stride 2 + BN + ReLU because maggiesong7/DenoisedNL model.py does so; the paper says only
+    # "a convolution layer" and "a Basic Block".
+    shortcut = conv_bn_relu(channels, channels, 3, stride=2)
+    return nn.Sequential(conv_bn_relu(in_channels, channels, 3),
+                         BasicBlock(channels, channels, stride=2, downsample=shortcut))
 
 
 def class_agreement(p_rows, p):
@@ -151,8 +117,8 @@ def local_similarity(q, k, window):
 
 class LocalRetention(torch.autograd.Function):
     """Sec. III-E: A''[i, j] = sum_d A'[i, j + d] * S_l[j, d], A' zero outside the key grid.
-    Forward: one multiply-add per offset d on the overlapping part of the grid, into one output.
-    Backward (the same sums transposed):
+    model.py unfolds A' into a (B, N, k*k, N) tensor; here the forward is one multiply-add per
+    offset d on the overlapping part of the grid, into one output. Backward (the same sums transposed):
         dA'[i, j + d] += dA''[i, j] * S_l[j, d]      one (B, n, H, W) buffer, accumulated in place
         dS_l[j, d]     = sum_i A'[i, j + d] * dA''[i, j]
     so no zero-filled padded copy is made per offset, as autograd of shifted slices would."""
@@ -203,15 +169,16 @@ def local_retention(a, s_l, size, window):
 
 class DenoisedNLBlock(nn.Module):
     """Sec. III-C to III-E: non-local attention A (Eq. 4), GR (A' = A * P_class), LR (A''), Eq. (3).
-    With both GR and LR off it is the plain non-local block F' = gamma * softmax(Q K^T) V + F.
-    class_conv: GR's P from the block's own 1x1 conv on F (Sec. III-D's literal reading); False (the
-    default, as model.py and Table V's FLOPs): P from coarse logits on F's grid passed to forward."""
+    With both GR and LR off it is the paper's own non-local block F' = gamma * softmax(Q K^T) V + F
+    (Table IV's "+NL"; not Wang et al.'s block with its W_z projection and BN).
+    class_conv: GR's P from the block's own 1x1 conv on F (Sec. III-D as printed); otherwise from
+    the coarse logits on F's grid that forward is given. Queries run in chunks of `query_chunk` rows,
+    so a whole 1024 x 2048 image (N = 8192) fits."""
 
     def __init__(self, channels, num_classes, *, key_channels=64, global_rectifying=True,
-                 local_retention=True, window_size=3, class_conv=False, map_pixel=(0.5, 0.5),
+                 local_retention=True, window_size=WINDOW_SIZE, class_conv=False, map_pixel=MAP_PIXEL,
                  query_chunk=2048):
         super().__init__()
-        # NOTE(paper-gap): k = 3 because model.py uses a 3x3 nn.Unfold; the paper only says k x k
         if window_size < 1 or window_size % 2 == 0:
             raise InputError(f"--window-size must be odd and positive, got {window_size}")
         # NOTE(paper-gap): Q, K have C' = 64 = C/8 channels and no 1x1 conv has a bias because
@@ -269,15 +236,8 @@ class DenoisedNLBlock(nn.Module):
         return f_out, {n: m.view(B, 1, H, W) for n, m in zip(MAP_NAMES, rows)}   # Fig. 11: maps #1-#3
 
 
-def class_map_step(strides):
-    """How far apart F's samples lie on the layer3 logits' grid, from the backbone's four strides:
-    F (the Reduction's stride 2 on layer4) has stride 2 * s4, layer3 s3. Sample step * i of the
-    layer3 logits is F's sample i."""
-    s3, s4 = strides[2:]
-    if 2 * s4 % s3:
-        raise InputError(f"denoised_nl: GR reads P at F's samples, but F's stride {2 * s4} is not a multiple "
-                         f"of layer3's stride {s3}; take P from a conv on F (class_map='conv')")
-    return 2 * s4 // s3
+# ----------------------------------------------------------------------------------------------
+# The model
 
 
 class DenoisedNLNet(SegModel):
@@ -286,14 +246,22 @@ class DenoisedNLNet(SegModel):
     of the res2 (layer2) and res3 (layer3) outputs, Eq. (5).
     block: 'denoised' (ours), 'psp' / 'aspp' (Table III: the block replaced by PPM / ASPP, F' = M(F)),
     'none' (the "Baseline" of Tables II-V, F' = F). class_map: GR's P from the supervised layer3 aux
-    head ('aux', model.py and Table V) or from a 1x1 conv on F ('conv', Sec. III-D as printed).
+    head ('aux') or from a 1x1 conv on F ('conv', Sec. III-D as printed).
+    follow_code=True changes exactly these (model.py, where it disagrees with the paper):
+        - no global-average-pooling branch: the head sees concat(X, F') only;
+        - F' is up-sampled and passed through a 3x3 conv + BN + ReLU before the concat;
+        - Dropout2d(0.05) in the head;
+        - the aux heads are 3x3 conv (64 / 512 ch) + BN + ReLU + Dropout2d(0.05) + 1x1, not the paper's
+          "linear function" (a 1x1 conv); with class_map='aux' GR's P comes from this layer3 head.
     output_stride: the backbone's (F is at twice it)."""
 
     def __init__(self, backbone, num_classes, *, channels=512, key_channels=64, block="denoised",
-                 global_rectifying=True, local_retention=True, window_size=3, class_map="aux",
-                 aux_weights=(1.0, 1.0), follow_code=False, map_pixel=(0.5, 0.5), query_chunk=2048,
+                 global_rectifying=True, local_retention=True, window_size=WINDOW_SIZE, class_map="aux",
+                 aux_weights=AUX_WEIGHTS, follow_code=False, map_pixel=MAP_PIXEL, query_chunk=2048,
                  output_stride=8):
         super().__init__()
+        # NOTE(paper-gap): PyTorch's default init, not model.py's kaiming_normal_(a=1) on every conv,
+        # because the paper names none and every method here starts from the same
         if block not in BLOCKS:
             raise InputError(f"denoised_nl: block must be one of {BLOCKS}, got {block!r}")
         if class_map not in CLASS_MAPS:
@@ -303,7 +271,8 @@ class DenoisedNLNet(SegModel):
         self.reduction = reduction(c4, channels)
         # NOTE(paper-gap): GR's P is the softmax of the supervised layer3 aux head by default because
         # Table V's +7.83 GFLOPs is the non-local block plus P^T P with P from outside the block (a 1x1
-        # conv on F would make it 7.87) and model.py does so; Sec. III-D's conv on F is class_map='conv'
+        # conv on F, which no loss of Eq. (5) supervises, would make it 7.87) and model.py does so;
+        # Sec. III-D's conv on F is class_map='conv'. GR's gradient then trains that head, run in eval too.
         self.p_from_aux = block == "denoised" and global_rectifying and class_map == "aux"
         self.class_map_step = class_map_step(backbone.strides) if self.p_from_aux else None
         self.dnl = DenoisedNLBlock(channels, num_classes, key_channels=key_channels,
@@ -316,6 +285,8 @@ class DenoisedNLNet(SegModel):
         # NOTE(paper-gap): the "Baseline" keeps the Reduction and the head, F' = F, because the paper
         # says only "without any attention strategy"
         # NOTE(paper-gap): head width 512 because model.py uses it; the paper gives no width
+        # NOTE(paper-gap): Sec. III-F's res2 / res3 are the outputs of layer2 / layer3 because model.py
+        # supervises those (in ResNet's own naming res2 would be layer1)
         if follow_code:
             self.post = conv_bn_relu(channels, channels, 3)            # model.py: 3x3 conv on up(F')
             self.head = seg_head(c4 + channels, 512, num_classes, dropout=0.05)
@@ -373,58 +344,49 @@ class DenoisedNLNet(SegModel):
 
 
 def add_args(parser):
-    # Flags that only matter with the block on default to None here, so that build_model can tell a
-    # flag given on the command line (and rejected where it would change nothing) from a default.
     group = parser.add_argument_group("denoised_nl: Denoised Non-Local Network (Song et al.)")
     onoff = argparse.BooleanOptionalAction
     group.add_argument("--block", choices=BLOCKS, default="denoised",
                        help="the context block on F: the Denoised NL (ours); psp / aspp, Table III's "
                             "'+PPM' / '+ASPP' (galdv1.py's modules); none, the 'Baseline' of Tables "
                             "II-V (no attention strategy: F' = F)")
-    group.add_argument("--global-rectifying", action=onoff, default=None,
-                       help="Global Rectifying block, A' = A * sigmoid(P^T P) (Sec. III-D, Table II 'GR'; "
-                            "on by default)")
-    group.add_argument("--local-retention", action=onoff, default=None,
-                       help="Local Retention block, A'' from k x k windows of A' (Sec. III-E, Table II 'LR'; "
-                            "on by default); with GR and LR off the block is the paper's own non-local "
-                            "formulation (Eqs. 3-4; our '+NL' of Table IV)")
-    group.add_argument("--class-map", choices=CLASS_MAPS, default=None,
-                       help="where GR's class probabilities P come from: aux (default), the softmax of the "
-                            "supervised layer3 (res3) aux head, as the official model.py and as Table V's "
-                            "+7.83 GFLOPs imply; conv, a 1x1 conv on F (Sec. III-D as printed), which no "
-                            "loss supervises")
-    group.add_argument("--window-size", type=ranged(int, 1), default=None,
-                       help="k of the k x k local window of Local Retention (Sec. III-E; default 3, as the code)")
-    group.add_argument("--aux-weights", type=ranged(float, 0), nargs=2, default=(1.0, 1.0), metavar=("L1", "L2"),
+    group.add_argument("--global-rectifying", action=onoff, default=True,
+                       help="Global Rectifying block, A' = A * sigmoid(P^T P) (Sec. III-D, Table II 'GR')")
+    group.add_argument("--local-retention", action=onoff, default=True,
+                       help="Local Retention block, A'' from k x k windows of A' (Sec. III-E, Table II 'LR'); "
+                            "with GR and LR off the block is the paper's own non-local formulation "
+                            "(Eqs. 3-4; our '+NL' of Table IV)")
+    group.add_argument("--class-map", choices=CLASS_MAPS, default="aux",
+                       help="where GR's class probabilities P come from: aux, the softmax of the supervised "
+                            "layer3 (res3) aux head, as the official model.py; conv, a 1x1 conv on F "
+                            "(Sec. III-D as printed), which no loss supervises")
+    group.add_argument("--window-size", type=ranged(int, 1), default=WINDOW_SIZE,
+                       help="k of the k x k local window of Local Retention (Sec. III-E), odd")
+    group.add_argument("--aux-weights", type=ranged(float, 0), nargs=2, default=AUX_WEIGHTS, metavar=("L1", "L2"),
                        help="lambda1, lambda2 of Eq. (5): CE weights of the res2 (layer2) and res3 (layer3) outputs")
-    group.add_argument("--map-pixel", type=ranged(float, 0, 1), nargs=2, default=None, metavar=("Y", "X"),
-                       help="query pixel (relative position in [0, 1], default 0.5 0.5) whose attention "
-                            "maps A, A', A'' are returned as 'maps' (Fig. 11)")
+    group.add_argument("--map-pixel", type=ranged(float, 0, 1), nargs=2, default=MAP_PIXEL, metavar=("Y", "X"),
+                       help="query pixel (relative position in [0, 1]) whose attention maps A, A', A'' are "
+                            "returned as 'maps' (Fig. 11)")
     group.add_argument("--follow-code", action=onoff, default=False,
-                       help="the official model.py where it differs from the paper: no GAP branch, 3x3 "
-                            "conv after up(F'), dropout 0.05, 3x3-conv aux heads (P's source is --class-map)")
-
-
-def given_or(value, default):
-    """A flag's value, or its default when it was not given (None)."""
-    return default if value is None else value
+                       help="the official model.py's heads where they differ from the paper (listed in "
+                            "DenoisedNLNet's docstring); GR's P stays --class-map's")
 
 
 def build_model(args):
-    # A flag of the block that would change nothing is an error, not silently ignored.
-    given = [flag for flag, value in (("--[no-]global-rectifying", args.global_rectifying),
-             ("--[no-]local-retention", args.local_retention), ("--class-map", args.class_map),
-             ("--window-size", args.window_size), ("--map-pixel", args.map_pixel)) if value is not None]
-    if args.block != "denoised" and given:
-        raise InputError(f"denoised_nl: {', '.join(given)} would change nothing: --block {args.block} "
+    map_pixel = tuple(args.map_pixel)
+    # A flag of the block moved off its default where it would change nothing is refused, not ignored.
+    moved = {"--[no-]global-rectifying": not args.global_rectifying,
+             "--[no-]local-retention": not args.local_retention, "--class-map": args.class_map != "aux",
+             "--window-size": args.window_size != WINDOW_SIZE, "--map-pixel": map_pixel != MAP_PIXEL}
+    named = [flag for flag, off_default in moved.items() if off_default]
+    if args.block != "denoised" and named:
+        raise InputError(f"denoised_nl: {', '.join(named)} would change nothing: --block {args.block} "
                          f"has no Denoised NL")
-    for flag, value, part, off in (("--class-map", args.class_map, args.global_rectifying, "--no-global-rectifying"),
-                                   ("--window-size", args.window_size, args.local_retention, "--no-local-retention")):
-        if value is not None and part is False:
-            raise InputError(f"denoised_nl: {flag} would change nothing with {off}")
+    for flag, part in (("--class-map", "global-rectifying"), ("--window-size", "local-retention")):
+        if moved[flag] and moved[f"--[no-]{part}"]:
+            raise InputError(f"denoised_nl: {flag} would change nothing with --no-{part}")
     return DenoisedNLNet(build_backbone(args), args.num_classes, block=args.block,
-                         global_rectifying=given_or(args.global_rectifying, True),
-                         local_retention=given_or(args.local_retention, True),
-                         window_size=given_or(args.window_size, 3), class_map=given_or(args.class_map, "aux"),
+                         global_rectifying=args.global_rectifying, local_retention=args.local_retention,
+                         window_size=args.window_size, class_map=args.class_map,
                          aux_weights=tuple(args.aux_weights), follow_code=args.follow_code,
-                         map_pixel=tuple(given_or(args.map_pixel, (0.5, 0.5))), output_stride=args.output_stride)
+                         map_pixel=map_pixel, output_stride=args.output_stride)

@@ -1,72 +1,40 @@
 """GALD v1: Global Aggregation then Local Distribution in Fully Convolutional Networks.
 
-Paper: X. Li, L. Zhang, A. You, M. Yang, K. Yang, Y. Tong, "Global Aggregation then Local Distribution
-in Fully Convolutional Networks", BMVC 2019, arXiv:1909.07229 (Sec. 3, Eqs. 1-3, Fig. 2-4, Table 1).
-Authors' code: lxtGH/GALD-DGCNet, libs/models/GALDNet.py (model), libs/core/loss.py (loss),
-train_distribute.py and exp/train_gald_r_101_city_finetrain.sh (training).
+X. Li, L. Zhang, A. You, M. Yang, K. Yang, Y. Tong, BMVC 2019, https://arxiv.org/abs/1909.07229.
+Authors' code: lxtGH/GALD-DGCNet, libs/models/GALDNet.py (model) and libs/core/loss.py (loss).
 
-Idea. A Global Aggregation (GA) module (CGNL, Non-local, PSP, ASPP) gives every position features
-pooled over a large window, so large patterns dominate and small ones (boundaries, thin objects) get
-over-smoothed. Local Distribution (LD) learns, per channel ("pattern"), a coarse spatial mask M from the
-GA features with strided depth-wise convolutions, and re-weights them: X_gald = M * X_g + X_g. The head
-sees concat(X_gald, X) (Sec. 3.2, Fig. 2).
+Idea (Sec. 3.2, Fig. 2). A Global Aggregation (GA) module (CGNL, Non-local, PSP, ASPP) pools features over
+a large window, so large patterns dominate and small ones (boundaries, thin objects) get over-smoothed.
+Local Distribution (LD) learns per channel ("pattern") a coarse mask M from the GA features with strided
+depth-wise convs and re-weights them: X_gald = M * X_g + X_g. The head sees concat(X_gald, X).
 
 Map from the code to the paper:
-    PooledBatchNorm         the BN of ASPP's image pooling and PSP's bins (one image per process)
-    CGNL, HalfResolution    GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
-    NonLocal, PSP, ASPP     the other GA modules of Table 1(a)/(b), Fig. 3(a)-(d)
-    build_ga                one GA module (projected to the block width if needed); galdv2.py and
-                            denoised_nl.py import it
-    LocalDistribution       LD, Sec. 3.2, Eqs. (1)-(2); downsampling choices of Table 1(e)
-    GALDBlock               the arrangements GALD / LDGA / Parallel of Sec. 4.3.1, Table 1(c), Fig. 3(e)-(g)
-    GALDHead, GALD          the network of Sec. 3.3 / Fig. 2, Eq. (3), OHEM + aux loss
+    PooledBatchNorm          the BN of a pooled 1x1 map (ASPP's image pooling, PSP's bins)
+    CGNL, HalfResolution     GA "Compact Generalized Non-Local", run at half resolution (Sec. 3.2)
+    NonLocal, PSP, ASPP      the other GA modules of Sec. 4.3.1, Table 1(a)/(b), Fig. 3(a)-(d)
+    build_ga                 one GA module at the block width (galdv2.py and denoised_nl.py import it)
+    LocalDistribution        LD, Sec. 3.2, Eqs. (1)-(2); the downsamplings of Table 1(e)
+    GALDBlock                the arrangements GALD / LDGA / Parallel, Sec. 4.3.1, Table 1(c), Fig. 3(e)-(g)
+    GALDHead, GALD           the network, Sec. 3.3, Fig. 2, Eq. (3); OHEM + aux loss
+The trunk is common.ResNet at output stride 8, dilated as PSPNet (Sec. 4.2) and the authors' code.
 
-forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) (training only),
-'maps': {'ld_mask': (B, 1, H/8, W/8) channel-mean of M (Fig. 4)} (eval only, when LD is on)}.
+GALD.forward(image) returns {'out': (B, K, H, W) logits, 'aux': (B, K, H, W) (training only),
+'maps': {'ld_mask': (B, 1, H/8, W/8), the channel mean of M, Fig. 4} (eval only, LD on)}.
 
-Backbone. The authors' trunk (lxtGH/GALD-DGCNet libs/models/GALDNet.py) is a deep-stem ResNet at
-output stride 8 that dilates EVERY block of layer3 by 2 and of layer4 by 4 (times the multi-grid
-(1, 2, 4) of their scripts: 4, 8, 16), as PSPNet; that is common.ResNet's default convention
-(`--dilation-style torchvision` keeps the previous dilation in a dilated stage's first block).
-
-Paper gaps, filled from the authors' code or by our choice (each marked NOTE(paper-gap) at its line):
-- 3x3 conv 2048->512 before the block, 3x3 conv 512->512 after it, and "X" of Eq. (3) is the raw
-  layer4 output (2048 ch); head = 3x3 conv 2560->512 (BN, ReLU, no dropout) -> 1x1 (code). We concat
-  in Eq. (3)'s order (X_gald, X); the code's is (layer4, X_gald), which matters only to load its weights.
-- CGNL: 8 groups, dot-product kernel without scaling, grouped 1x1 output conv + GroupNorm + residual;
-  its half resolution is a depth-wise 3x3 stride-2 conv + BN + ReLU, bilinear back up (code).
-- W_d = three depth-wise 3x3 stride-2 convs (d = 8), BN after each, ReLU between them (code).
-- Strided convs use padding 1, so a map of H rows becomes ceil(H/2) (ceil(H/d) after W_d), and the
-  coarse map is up-sampled so that its sample j lands on fine pixel 2j (8j for W_d), the pixel its
-  kernel was centred on: M stays aligned with the X_g it weights, on every map size. The code uses
-  padding 0 (97 -> 48 -> 23 -> 11 for a 769 crop), which fails on maps below 15 px, and
-  align_corners=True, which puts coarse sample j (computed at fine pixel 8j + 7) at 9.6j on a 97-px
-  map: a shift from -7 to +9 px. common.resize (align_corners=False) would shift it by +3.5 px on
-  104- and 128-px maps and by 3.2 - 0.54j px on a 97-px one (+3.2 at the first sample, -3.2 at the last).
-- NL, PSP, ASPP do not exist in the code: NL = embedded Gaussian, C/2 inner channels, zero-initialised
-  output BN (Wang et al., CVPR 2018, arXiv:1711.07971); PSP bins (1, 2, 3, 6) with C/4 channels per bin
-  (Zhao et al., CVPR 2017, arXiv:1612.01105); ASPP rates (6, 12, 18) at output stride 16, i.e.
-  (12, 24, 36) at 8, + image pooling, 256 channels per branch (Chen et al., arXiv:1706.05587). PSP and
-  ASPP end in a conv + BN + ReLU to the block width (PSP without the code's Dropout2d(0.1)); NL and
-  CGNL keep their input width and get a 1x1 conv + BN + ReLU only where it differs from the block
-  width (never in GALD or galdv2.py). NL, PSP, ASPP run at full resolution.
-- The BN of a pooled 1x1 map (ASPP's image pooling, PSP's 1x1 bin) has one value per channel with one
-  image per process and plain BN (one GPU at --batch-size 1, CPU DDP); PooledBatchNorm then uses its
-  running statistics. The authors only train with SyncBN over 8 GPUs (lxtGH/GALD-DGCNet
-  train_distribute.py), where that BN sees 8 values; so does train.py under CUDA DDP.
-- LDGA and Parallel (Fig. 3 f, g): LD then GA; concat(GA(X), LD(X)) -> 3x3 conv to 512.
-  --ga none and --no-ld make that part the identity (Table 1 "+LD" and "+GA" rows).
-- Aux head on layer3 (3x3 conv 512, BN, ReLU, dropout 0.1, 1x1), plain CE, weight 0.4; OHEM
-  (0.7, 100k) on the main output (code; the paper only says "OHEM").
-
-follow_code=True reproduces the two places where the released code differs from the paper:
-a ReLU after W_d (so M lies in [0.5, 1) instead of (0, 1)) and the double residual
-2 * X_g + M * X_g instead of Eq. (2).
-
-build_model refuses flag combinations that change nothing (common.InputError): --ld-downsample or
---follow-code with --no-ld, and --arrangement ldga with --ga none or --no-ld (that is gald).
+Paper gaps, each reasoned at its NOTE(paper-gap):
+- one image per process: a pooled 1x1 map's BN uses its running statistics (pooled_conv_bn_relu)
+- CGNL: grouped 1x1 output conv + GroupNorm, unscaled kernel (CGNL); halved by a depth-wise conv (HalfResolution)
+- NL, PSP, ASPP (absent from the authors' code) as their own papers (NonLocal, PSP, ASPP, build_ga)
+- NL, PSP, ASPP at full resolution; a 1x1 projection where a GA module's width differs (build_ga)
+- W_d: three depth-wise 3x3 stride-2 convs, BN after each, ReLU between, padding 1 (LocalDistribution)
+- every up-sampling puts coarse sample j on the fine pixel it was computed at (HalfResolution,
+  LocalDistribution.forward, GALDHead.forward)
+- 3x3 convs before and after the block, the head's 3x3 conv, Eq. (3)'s concat order (GALD, GALDHead)
+- aux head on layer3 (weight 0.4) and OHEM (0.7, 100k) on 'out' (GALDHead)
+follow_code=True is the released code where it differs from Eqs. (1)-(2) (LocalDistribution).
 """
 import argparse
+import inspect
 
 import torch
 import torch.nn as nn
@@ -74,6 +42,10 @@ import torch.nn.functional as F
 
 from common import (InputError, SegModel, build_backbone, conv_bn_relu, main_and_aux_loss, resize, seg_head,
                     upsample_strided)
+
+GA_MODULES = ("cgnl", "nl", "psp", "aspp")              # Table 1(a)/(b), Fig. 3(a)-(d)
+LD_DOWNSAMPLINGS = ("dwconv", "bilinear", "avgpool")    # Table 1(e)
+ARRANGEMENTS = ("gald", "ldga", "parallel")             # Table 1(c), Fig. 3(e)-(g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +211,8 @@ class ASPP(nn.Module):
 
 
 def build_ga(kind, in_channels, channels, output_stride=8):
-    """A GA module mapping (B, in_channels, H, W) -> (B, channels, H, W); kind in cgnl|nl|psp|aspp."""
+    """A GA module mapping (B, in_channels, H, W) -> (B, channels, H, W); kind one of GA_MODULES."""
+    # NOTE(paper-gap): NL, PSP and ASPP run at full resolution because Sec. 3.2 halves it for CGNL only
     if kind == "psp":
         return PSP(in_channels, channels)
     if kind == "aspp":
@@ -251,7 +224,7 @@ def build_ga(kind, in_channels, channels, output_stride=8):
     elif kind == "nl":
         ga = NonLocal(in_channels)
     else:
-        raise InputError(f"unknown GA module {kind!r}, expected cgnl, nl, psp or aspp")
+        raise InputError(f"unknown GA module {kind!r}, expected one of {', '.join(GA_MODULES)}")
     if in_channels == channels:
         return ga                                              # the code's GALD block: no projection
     # NOTE(paper-gap): a 1x1 conv + BN + ReLU projects to the block width because NL and CGNL keep
@@ -279,14 +252,16 @@ class LocalDistribution(nn.Module):
 
     def __init__(self, channels, *, downsample="dwconv", follow_code=False):
         super().__init__()
-        if downsample not in ("dwconv", "bilinear", "avgpool"):
-            raise InputError(f"unknown LD downsampling {downsample!r}, expected dwconv, bilinear or avgpool")
+        if downsample not in LD_DOWNSAMPLINGS:
+            raise InputError(f"unknown LD downsampling {downsample!r}, "
+                             f"expected one of {', '.join(LD_DOWNSAMPLINGS)}")
         self.downsample, self.follow_code = downsample, follow_code
         if downsample == "dwconv":
             steps = self.ratio.bit_length() - 1                # d = 2 ** steps stride-2 convs
             # NOTE(paper-gap): BN after every depth-wise conv and ReLU between them because the authors'
-            # LocalAttenModule does (lxtGH/GALD-DGCNet libs/models/GALDNet.py); padding 1 (theirs 0)
-            # because it keeps sample j centred on fine pixel 8j and works on maps below 15 px
+            # LocalAttenModule does (lxtGH/GALD-DGCNet libs/models/GALDNet.py); padding 1 (theirs 0:
+            # 97 -> 48 -> 23 -> 11 at a 769 crop, no output below 15 px) because it keeps sample j
+            # centred on fine pixel 8j and works on every map size
             layers = [conv_bn_relu(channels, channels, 3, stride=2, groups=channels) for _ in range(steps - 1)]
             layers += [nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False),
                        nn.BatchNorm2d(channels)]
@@ -307,8 +282,10 @@ class LocalDistribution(nn.Module):
             w = F.relu(w)
         if self.downsample == "dwconv":
             # NOTE(paper-gap): Eq. (1)'s "upsample" puts coarse sample j back on fine pixel 8j, where
-            # W_d computed it, because M must weight the X_g it was computed from; common.resize would
-            # shift it by +3.5 px on 104- and 128-px maps, by +3.2 to -3.2 px on a 97-px one
+            # W_d computed it, because M must weight the X_g it was computed from. common.resize would
+            # shift it by +3.5 px on 104- and 128-px maps and by +3.2 to -3.2 px on a 97-px one; the
+            # code (padding 0, align_corners=True) computes sample j at pixel 8j + 7 and puts it at
+            # 9.6j on a 97-px map, a shift from -7 to +9 px
             up = upsample_strided(w, (H, W), self.ratio)       # (B, C, H, W)
         else:
             up = resize(w, (H, W))                             # (B, C, H, W)
@@ -329,8 +306,8 @@ class GALDBlock(nn.Module):
     def __init__(self, channels, *, ga="cgnl", ld=True, arrangement="gald", ld_downsample="dwconv",
                  follow_code=False, output_stride=8):
         super().__init__()
-        if arrangement not in ("gald", "ldga", "parallel"):
-            raise InputError(f"unknown arrangement {arrangement!r}, expected gald, ldga or parallel")
+        if arrangement not in ARRANGEMENTS:
+            raise InputError(f"unknown arrangement {arrangement!r}, expected one of {', '.join(ARRANGEMENTS)}")
         self.arrangement = arrangement
         self.ga = nn.Identity() if ga == "none" else build_ga(ga, channels, channels, output_stride)
         self.ld = LocalDistribution(channels, downsample=ld_downsample, follow_code=follow_code) if ld else None
@@ -382,10 +359,8 @@ class GALDHead(nn.Module):
 
 class GALD(SegModel):
     """Sec. 3.3, Fig. 2 (TIP Sec. III-A): dilated ResNet -> 3x3 conv -> GALD block -> GALDHead (Eq. 3).
-
-    Training adds 'aux' (layer3 head); loss = OHEM CE on 'out' + aux_weight * CE on 'aux'.
-    Eval adds 'maps' {'ld_mask'} when LD is on (what --save-maps writes, Fig. 4).
-    """
+    forward returns the dict of the module docstring ('maps' is what --save-maps writes);
+    loss = OHEM CE on 'out' + aux_weight * CE on 'aux'."""
 
     def __init__(self, backbone, num_classes, *, ga="cgnl", ld=True, arrangement="gald",
                  ld_downsample="dwconv", follow_code=False, channels=512, output_stride=8,
@@ -413,27 +388,30 @@ class GALD(SegModel):
         return main_and_aux_loss(outputs, target, ohem=self.ohem, aux_weight=self.aux_weight)
 
 
+# GALD's keyword defaults (the paper's), which the flags default to and build_model compares with
+DEFAULTS = {name: p.default for name, p in inspect.signature(GALD).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
 def add_args(parser):
-    # --ld-downsample and --follow-code default to None ("not given"): build_model passes them to GALD
-    # only when given, and refuses them where LD is off
     group = parser.add_argument_group("galdv1: GALD (BMVC 2019)")
-    group.add_argument("--ga", default="cgnl", choices=["cgnl", "nl", "psp", "aspp", "none"],
+    group.add_argument("--ga", default=DEFAULTS["ga"], choices=[*GA_MODULES, "none"],
                        help="Global Aggregation module (Table 1a/b); none = LD alone ('+LD' row)")
-    group.add_argument("--ld", default=True, action=argparse.BooleanOptionalAction,
+    group.add_argument("--ld", default=DEFAULTS["ld"], action=argparse.BooleanOptionalAction,
                        help="Local Distribution, Eqs. (1)-(2) (--no-ld: the '+GA' rows of Table 1a)")
-    group.add_argument("--arrangement", default="gald", choices=["gald", "ldga", "parallel"],
+    group.add_argument("--arrangement", default=DEFAULTS["arrangement"], choices=ARRANGEMENTS,
                        help="GA then LD, LD then GA, or both in parallel (Table 1c, Fig. 3 e-g)")
-    group.add_argument("--ld-downsample", default=None, choices=["dwconv", "bilinear", "avgpool"],
-                       help="how LD downsamples by d = 8 for the mask (Table 1e; default dwconv)")
-    group.add_argument("--follow-code", default=None, action=argparse.BooleanOptionalAction,
-                       help="released code: ReLU before the mask's sigmoid and residual 2*X_g + M*X_g (default off)")
-    group.add_argument("--ohem", default=True, action=argparse.BooleanOptionalAction,
+    group.add_argument("--ld-downsample", default=DEFAULTS["ld_downsample"], choices=LD_DOWNSAMPLINGS,
+                       help="how LD downsamples by d = 8 for the mask (Table 1e)")
+    group.add_argument("--follow-code", default=DEFAULTS["follow_code"], action=argparse.BooleanOptionalAction,
+                       help="released code: ReLU before the mask's sigmoid and residual 2*X_g + M*X_g")
+    group.add_argument("--ohem", default=DEFAULTS["ohem"], action=argparse.BooleanOptionalAction,
                        help="OHEM cross-entropy on the main output (Sec. 3.3)")
 
 
 def build_model(args):
-    ld_options = {name: getattr(args, name) for name in ("ld_downsample", "follow_code")
-                  if getattr(args, name) is not None}
+    """GALD from the command line; refuses switches that change nothing (common.InputError): an LD option
+    off its default with --no-ld, and --arrangement ldga with one of its modules off (that is gald)."""
+    ld_options = [name for name in ("ld_downsample", "follow_code") if getattr(args, name) != DEFAULTS[name]]
     if ld_options and not args.ld:
         flags = " and ".join("--" + name.replace("_", "-") for name in ld_options)
         raise InputError(f"{flags} change(s) only LD, which --no-ld turns off")
@@ -441,4 +419,5 @@ def build_model(args):
         off = "--ga none" if args.ga == "none" else "--no-ld"
         raise InputError(f"--arrangement ldga with {off} is --arrangement gald: one module alone has no order")
     return GALD(build_backbone(args), args.num_classes, ga=args.ga, ld=args.ld, arrangement=args.arrangement,
-                output_stride=args.output_stride, ohem=args.ohem, **ld_options)
+                ld_downsample=args.ld_downsample, follow_code=args.follow_code, output_stride=args.output_stride,
+                ohem=args.ohem)

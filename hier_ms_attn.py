@@ -1,58 +1,41 @@
-"""Hierarchical Multi-Scale Attention for Semantic Segmentation (Tao, Sapra, Catanzaro; NVIDIA,
-arXiv:2005.10821, 2020).
+"""Hierarchical Multi-Scale Attention for Semantic Segmentation (A. Tao, K. Sapra, B. Catanzaro, 2020),
+https://arxiv.org/abs/2005.10821. Authors' code: NVIDIA/semantic-segmentation.
 
-Idea (Sec. 3, Fig. 2): predictions at different image scales fail in different ways (thin posts are
-best at 2.0x, large regions at 0.5x). Instead of averaging them, a head predicts a dense attention
-a in [0, 1] from the features of the LOWER of two adjacent scales and mixes the pair:
-    Eq. (1): L(r=1) = U(L(r=0.5) * a(r=0.5)) + (1 - U(a(r=0.5))) * L(r=1).
-The network is trained with the pair {0.5, 1.0} only (training cost 0.5^2 + 1 = 1.25x), yet at
-inference any list of scales is chained pair by pair, lower scales having the last word (Fig. 2 right
-bottom), so a model trained once is evaluated with 0.25x or 2.0x it never saw (Table 1).
+Idea (Sec. 3, Fig. 2). Predictions at different scales fail in different ways (thin posts are best at
+2.0x, large regions at 0.5x). Instead of averaging them, a head predicts a dense attention a in [0, 1]
+from the features of the LOWER of two adjacent scales and mixes the pair, Eq. (1):
+    L(r=1) = U(L(r=0.5) * a(r=0.5)) + (1 - U(a(r=0.5))) * L(r=1).
+Trained on {0.5, 1.0} only (1.25x the cost), the pair is chained over any scales at inference, lower
+scales having the last word, so 0.25x or 2.0x are evaluated unseen (Table 1).
 
-Map from the code to the paper
-    sigmoid_bce, rmi_loss .. RMI [42], "the primary loss function" (Sec. 5.1), with the code's settings
-    prediction_head ........ Sec. 3.1 semantic head; attention_head: the same with 1 output
-    ASPP ................... DeepLab V3+'s pyramid, Table 1's model (caption)
-    object_regions ......... OCR [9] Eq. (1): soft object regions from the auxiliary logits
-    ObjectContext .......... OCR [9] Eqs. (2)-(3): pixel-region relation and object context
-    OCRHead ................ Sec. 3.1 HRNet-OCR: OCR block, auxiliary semantic head, semantic head
-    hierarchical_chain ..... Eq. (1) chained over any list of scales (Fig. 2 right bottom)
-    HierarchicalMultiScaleAttention
-      .decode .............. one scale's trunk features -> logits, aux logits, attention input
-      ._hierarchical ....... Eq. (1): training pair and n-scale inference (Sec. 3, Fig. 2 right)
-      ._explicit ........... the "explicit" baseline of Chen et al. [1] (Fig. 2 left, Table 1)
-      ._average ............ the "Single Scale" / "AvgPool" baselines of Table 1 (Table 2's baseline)
-      .maps, .predict ...... Fig. 3's attention maps; multi-scale inference (+ flip), Sec. 5.1
-    build_model ............ --decoder, --ms-mode, --train-scales, --loss, --aux-loss, --cls-head, ...
+Map from the code to the paper:
+    scaled_image, hierarchical_chain   Eq. (1) chained over any scales (Fig. 2 right bottom)
+    prediction_head, attention_head    Sec. 3.1's semantic and attention heads
+    ASPP (+ bot_aspp, bot_fine)        DeepLab V3+, Table 1's model (--decoder deeplab, ResNet)
+    object_regions, ObjectContext,     HRNet-OCR, Sec. 3.1 (--decoder ocr, HRNet): OCR [9] Eq. (1),
+      ContextAugmentation, OCRHead       Eqs. (2)-(3), Eq. (4), the OCR block with its aux head
+    HierarchicalMultiScaleAttention    the network; ._hierarchical Eq. (1), ._explicit Chen et al. [1] and
+                                       ._average (Table 1's baselines), .maps Fig. 3, .predict Sec. 5.1
+    sigmoid_bce, rmi_loss, .loss       Sec. 5.1: RMI [42] on 'out', cross-entropy on 'aux'
+Module names are NVIDIA's (network/mscale.py, network/ocrnet.py): its weights load without 'module.'.
 
-Decoders (--decoder): 'deeplab' (ResNet default, Table 1's caption: DeepLab V3+ on ResNet-50, heads
-on its 304-channel stride-4 feature, NVIDIA/semantic-segmentation network/mscale.py MscaleV3Plus);
-'ocr' (HRNet default, Sec. 3.1: HRNet-OCR, heads on the OCR features, network/ocrnet.py MscaleOCR);
-'none' (Sec. 3.1's text: heads on the trunk's last features, network/mscale.py MscaleBasic). Module
-names are NVIDIA's, so its state dicts load after dropping the 'module.' prefix.
+forward(image, scales=None) -> dict (training: the training scales fused; eval: `scales`, default 1.0)
+    'out'           (B, K, H, W) logits at the image's size
+    'aux'           (B, K, H, W) training, --decoder ocr: the aux logits fused as 'out' is
+    'maps'          eval, several scales: {"attn_<s>": (B, 1, H, W)} each scale's weight in 'out' (Fig. 3)
+    'scale_logits'  training, scale_loss_weight > 0: {"<s>": (B, K, H, W)} each scale's own logits
 
-forward(image, scales=None) -> dict
-    'out'           (B, K, H, W) logits at the image's size: training mode fuses the training scales
-                    (default 0.5 1.0), eval mode returns the single-scale (1.0) prediction.
-    'aux'           training only, 'ocr' decoder: (B, K, H, W) auxiliary logits fused as 'out' is.
-    'maps'          eval only, more than one scale (hierarchical or explicit mode): {"attn_<scale>":
-                    (B, 1, H, W)}, each scale's weight in 'out' at every pixel; they sum to 1 (Fig. 3).
-    'scale_logits'  training only, when scale_loss_weight > 0 and more than one scale ran:
-                    {"<scale>": (B, K, H, W)} each scale's own prediction at the image's size.
-predict(image, scales, flip) builds only 'out'.
-
-Choices (each marked NOTE(paper-gap) at its line; "the code" is NVIDIA/semantic-segmentation)
-- Up-sampling is bilinear with align_corners=False (cfg.MODEL.ALIGN_CORNERS), so that the code's
-  released weights give its outputs: a stride-s sample j lands on pixel s*j + (s-1)/2, not on s*j.
-- An image at scale s is floor(s*H) x floor(s*W) (network/mynn.py ResizeX). The n-scale chain runs
-  from the largest scale down, s >= 1.0 at its own size, s < 1.0 at the image's (nscale_forward).
-- The attention head also runs on the top training scale, for its BN statistics (two_scale_forward).
-- Losses: each training scale's own output gets the criterion without RMI x scale_loss_weight (0.05 in
-  the Cityscapes recipes, 0 in Mapillary's); OCR's aux logits are fused by the same attention, weight
-  0.4, cross-entropy (Sec. 5.1; --aux-loss bce is the code's); RMI is shifted by a constant to be >= 0.
-- Explicit attention (Chen et al. [1], network/attnscale.py ASDV3P) with a softmax over the scales; only
-  its training scales can be evaluated. "AvgPool" and flips average logits (utils/trnval_utils.py).
+Deviations and gaps, each reasoned at its NOTE(paper-gap) (the code: NVIDIA/semantic-segmentation):
+- up-sampling with align_corners=False, as the code's weights were trained (_scale)
+- an image at scale s is floor(s * H) x floor(s * W) (scaled_image); where the chain runs (hierarchical_chain)
+- head widths (prediction_head); DeepLab V3+'s projections (__init__); OCR widths, its C'^-0.5 (OCR blocks);
+  with one image per process the ASPP's pooled BN uses running statistics (galdv1.pooled_conv_bn_relu)
+- the attention head also runs on the top training scale, for its BN statistics (_hierarchical)
+- aux logits fused by the attention (_hierarchical, _explicit); [1]'s softmax over scales (_explicit)
+- RMI's settings and its shift to >= 0 (rmi_loss); each scale's own output x scale_loss_weight (.loss)
 """
+import argparse
+import inspect
 import math
 from collections import OrderedDict
 
@@ -60,86 +43,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HRNET_LAYOUTS, IGNORE_INDEX, InputError, ResNet, SegModel, build_backbone,
-                    conv_bn_relu, cross_entropy, hrnet_features, ranged, resize)
+from common import (HRNET_LAYOUTS, IGNORE_INDEX, InputError, ResNet, SegModel, build_backbone, conv_bn_relu,
+                    cross_entropy, hrnet_features, ranged, resize)
+from galdv1 import pooled_conv_bn_relu
 
 DEFAULT_TRAIN_SCALES = {"hierarchical": (0.5, 1.0), "explicit": (0.5, 1.0, 2.0), "average": (1.0,)}
-CITYSCAPES_SCALE_LOSS_WEIGHT = 0.05        # scripts/train_cityscapes.yml supervised_mscale_loss_wt
 OCR_AUX_WEIGHT = 0.4                       # NVIDIA/semantic-segmentation config.py LOSS.OCR_ALPHA
 FINE_SKIP_CHANNELS = 48                    # DeepLab V3+'s stride-4 skip (network/mscale.py bot_fine)
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: region mutual information [42], as the HMSA code runs it (Sec. 5.1)
+# The hierarchical chain (Sec. 3, Eq. 1)
 
 
-def region_vectors(x, radius):
-    """(B, K, H, W) -> (B, K, D, N) with D = radius^2: every radius x radius window (no padding) as a
-    D-dim point, N = (H - radius + 1) * (W - radius + 1) windows."""
-    B, K, H, W = x.shape
-    windows = F.unfold(x.reshape(B * K, 1, H, W), radius)                    # (B*K, D, N), D row-major
-    return windows.view(B, K, radius * radius, -1)                           # (B, K, D, N)
+def scaled_image(image, scale):
+    """The image resized by `scale`: (B, 3, floor(s * H), floor(s * W)), each side at least 1."""
+    # NOTE(paper-gap): floor as NVIDIA network/mynn.py ResizeX (F.interpolate with scale_factor and
+    # recompute_scale_factor=True) because the paper gives no rounding; 1.0 returns the image itself.
+    return resize(image, [max(1, math.floor(n * scale)) for n in image.shape[-2:]])
 
 
-def one_hot_valid(target, num_classes):
-    """(B, H, W) labels -> float32 (one-hot (B, K, H, W), ignored pixels all 0; valid mask (B, 1, H, W))."""
-    valid = (target != IGNORE_INDEX).unsqueeze(1)                            # (B, 1, H, W)
-    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
-    onehot = (target.unsqueeze(1) == classes) & valid                        # (B, K, H, W)
-    return onehot.float(), valid.float()
-
-
-def sigmoid_bce(logits, target, onehot_valid=None):
-    """Sigmoid BCE against one-hot labels, summed over classes and valid pixels, / (#valid + 1): the
-    RMI criterion of NVIDIA/semantic-segmentation loss/rmi.py with do_rmi=False. In float32."""
-    onehot, valid = onehot_valid or one_hot_valid(target, logits.shape[1])
-    return F.binary_cross_entropy_with_logits(logits.float(), onehot, weight=valid,
-                                              reduction="sum") / (valid.sum() + 1)
-
-
-# NOTE(paper-gap): radius 3, 4x4 average pooling, alpha 5e-4, lambda 0.5 and the sum over classes are
-# the authors' settings (NVIDIA/semantic-segmentation loss/rmi.py) because the paper names RMI [42] only.
-def rmi_loss(logits, target, *, radius=3, pool=4, alpha=5e-4):
-    """Returns (bce, rmi); the paper's loss is 0.5 * bce + 0.5 * rmi (code: lambda 0.5).
-
-    bce: sigmoid_bce. rmi: per class, the labels Y and sigmoid probabilities P are 4x4 average-pooled,
-    each 3x3 window becomes a 9-dim point, and the conditional covariance
-    Sigma_Y|P = Sigma_Y - Sigma_YP Sigma_P^-1 Sigma_YP^T (Sigma_P + alpha I for stability) bounds the
-    mutual information from below; rmi = 0.5 * log det(I + Sigma_Y|P / alpha) / 9, mean over the
-    batch, summed over classes. Sigmoid, mask and pooling run in float32 on the (B, K, H, W) maps;
-    only the pooled 9-dim region vectors, the covariances and the Cholesky are float64 (Cholesky of
-    near-singular matrices fails in fp16/fp32), as loss/rmi.py. Autocast is off throughout.
-    """
-    with torch.autocast(logits.device.type, enabled=False):
-        logits = logits.float()                                              # (B, K, H, W)
-        B, K, H, W = logits.shape
-        onehot, valid = one_hot_valid(target, K)                             # (B, K, H, W), (B, 1, H, W)
-        bce = sigmoid_bce(logits, target, (onehot, valid))
-        prob = logits.sigmoid() * valid + 1e-6                               # (B, K, H, W) float32
-        label = F.avg_pool2d(onehot, pool, pool, pool // 2)                  # (B, K, H', W')
-        prob = F.avg_pool2d(prob, pool, pool, pool // 2)
-        if min(label.shape[-2:]) < radius:                                   # too small for a window
-            return bce, bce.new_zeros(())
-        y = region_vectors(label.double(), radius)                           # (B, K, D, N) float64
-        p = region_vectors(prob.double(), radius)
-        y = y - y.mean(-1, keepdim=True)
-        p = p - p.mean(-1, keepdim=True)
-        eye = torch.eye(radius * radius, dtype=torch.float64, device=logits.device)
-        cov_y = y @ y.transpose(-1, -2)                                      # (B, K, D, D)
-        cov_yp = y @ p.transpose(-1, -2)
-        cov_p = p @ p.transpose(-1, -2) + alpha * eye
-        cond = cov_y - cov_yp @ torch.linalg.solve(cov_p, cov_yp.transpose(-1, -2))
-        cond = 0.5 * (cond + cond.transpose(-1, -2))                         # exact symmetry for Cholesky
-        chol = torch.linalg.cholesky(cond + alpha * eye)
-        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)          # (B, K)
-        # the code's 0.5 * log det(cond + alpha I), minus its minimum 0.5 * log det(alpha I)
-        rmi = 0.5 * (log_det - radius * radius * math.log(alpha))
-        rmi = (rmi.mean(0) / (radius * radius)).sum()
-        return bce, rmi.float()
+def hierarchical_chain(preds, attention, size):
+    """Eq. (1) chained over scales (Fig. 2 right bottom). preds[s] (B, C, h_s, w_s) and attention[s]
+    (B, 1, h_s, w_s) at scale s's input size (none for the top scale); size = the image's (H, W).
+    With s1 < ... < sn: P = p_sn; for s = s(n-1) down to s1, at a size z_s,
+        P = U(a_s * p_s) + (1 - U(a_s)) * U(P),  U = bilinear resize to z_s;
+    returns P at the image's size, (B, C, H, W). Linear in preds."""
+    scales = sorted(preds)
+    out = preds[scales[-1]]                                                  # (B, C, h_sn, w_sn)
+    for s in reversed(scales[:-1]):
+        # NOTE(paper-gap): z_s = the scale's own input size for s >= 1.0 and the image's size below
+        # 1.0, because the paper does not say where the chain runs (NVIDIA/semantic-segmentation
+        # network/ocrnet.py MscaleOCR.nscale_forward; a list without 1.0 still ends at the image's size).
+        at = preds[s].shape[-2:] if s >= 1.0 else size
+        a = attention[s]                                                     # (B, 1, h_s, w_s)
+        out = resize(preds[s] * a, at) + (1 - resize(a, at)) * resize(out, at)   # Eq. (1)
+    return resize(out, size)                                                 # (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------
-# Heads (Sec. 3.1) and DeepLab V3+'s pyramid (Table 1)
+# The heads (Sec. 3.1) and DeepLab V3+'s pyramid (Table 1)
 
 
 def prediction_head(in_ch, out_ch, mid_ch=256):
@@ -159,13 +102,13 @@ def attention_head(in_ch, out_ch, mid_ch=256):
 
 
 class ASPP(nn.Module):
-    """DeepLab V3+'s atrous spatial pyramid pooling at output stride 8, as NVIDIA network/utils.py
-    AtrousSpatialPyramidPoolingModule: image pooling, a 1x1 conv and three 3x3 convs of rates 12, 24,
-    36, each conv -> BN -> ReLU to `channels`, concatenated in that order: (B, 5 * channels, h, w)."""
+    """DeepLab V3+'s pyramid at output stride 8 (NVIDIA network/utils.py AtrousSpatialPyramidPoolingModule):
+    image pooling, a 1x1 conv, 3x3 convs of rates 12, 24, 36, each -> BN -> ReLU, concatenated in that
+    order: (B, 5 * channels, h, w). Not galdv1.ASPP: NVIDIA's keys, pooling first, no projection."""
 
     def __init__(self, in_ch, channels=256, rates=(12, 24, 36)):
         super().__init__()
-        self.img_conv = conv_bn_relu(in_ch, channels, 1)
+        self.img_conv = pooled_conv_bn_relu(in_ch, channels)                # trains on one image too
         self.features = nn.ModuleList([conv_bn_relu(in_ch, channels, 1)] +
                                       [conv_bn_relu(in_ch, channels, 3, dilation=r) for r in rates])
 
@@ -175,9 +118,7 @@ class ASPP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# HRNet-OCR (Sec. 3.1; OCR: Yuan, Chen, Wang, "Object-Contextual Representations for Semantic
-# Segmentation", ECCV 2020, [9]), with NVIDIA network/ocrnet.py OCR_block's and network/ocr_utils.py's
-# module names
+# HRNet-OCR (Sec. 3.1; OCR [9]: Yuan, Chen, Wang, ECCV 2020), NVIDIA network/ocrnet.py's module names
 
 
 def bn_relu(channels):
@@ -203,8 +144,7 @@ def object_regions(feats, aux_logits):
 
 class ObjectContext(nn.Module):
     """OCR Eq. (2): w_ik = softmax_k(phi(x_i) . psi(f_k) / sqrt(C')); Eq. (3): y_i = rho(sum_k w_ik
-    delta(f_k)). phi, psi: two 1x1 conv-BN-ReLU; delta, rho: one each (network/ocr_utils.py
-    ObjectAttentionBlock, scale 1)."""
+    delta(f_k)); phi, psi: two 1x1 conv-BN-ReLU, delta, rho: one (network/ocr_utils.py ObjectAttentionBlock)."""
 
     def __init__(self, channels, key_channels):
         super().__init__()
@@ -227,8 +167,7 @@ class ObjectContext(nn.Module):
 
 
 class ContextAugmentation(nn.Module):
-    """OCR Eq. (4): z_i = g([y_i, x_i]), g = 1x1 conv -> BN -> ReLU -> dropout (network/ocr_utils.py
-    SpatialOCR_Module)."""
+    """OCR Eq. (4): z_i = g([y_i, x_i]), g = 1x1 conv -> BN -> ReLU -> dropout (SpatialOCR_Module)."""
 
     def __init__(self, channels, key_channels, dropout=0.05):
         super().__init__()
@@ -242,11 +181,9 @@ class ContextAugmentation(nn.Module):
 
 
 class OCRHead(nn.Module):
-    """Sec. 3.1 with HRNet-OCR: the auxiliary semantic head "takes its features directly from the HRNet
-    trunk" ((1x1 conv) -> BN -> ReLU -> (1x1 conv)); the OCR block (3x3 conv to mid_ch, regions from the
-    auxiliary logits, object context); the semantic head on the OCR features: the paper's
-    prediction_head (cls_head='paper') or the code's 1x1 conv with bias (cls_head='code', which
-    NVIDIA's released weights need). forward: (logits, aux logits, OCR features (B, mid_ch, h, w))."""
+    """Sec. 3.1: the auxiliary head on the trunk ((1x1 conv) -> BN -> ReLU -> (1x1 conv)), the OCR block
+    on a 3x3 conv to mid_ch, the semantic head on its features: prediction_head (cls_head='paper') or a
+    1x1 conv with bias ('code', which NVIDIA's weights need). -> (logits, aux logits, OCR features)."""
 
     def __init__(self, in_ch, num_classes, *, mid_ch=512, key_ch=256, cls_head="paper", head_ch=256):
         super().__init__()
@@ -263,35 +200,6 @@ class OCRHead(nn.Module):
         aux = self.aux_head(x)                                               # (B, K, h, w)
         ocr_feats = self.ocr_distri_head(feats, object_regions(feats, aux))  # (B, mid_ch, h, w)
         return self.cls_head(ocr_feats), aux, ocr_feats
-
-
-# ----------------------------------------------------------------------------------------------
-# The hierarchical chain (Sec. 3, Eq. 1)
-
-
-def hierarchical_chain(preds, attention, size):
-    """Eq. (1) chained over scales (Fig. 2 right bottom). preds[s] (B, C, h_s, w_s) and attention[s]
-    (B, 1, h_s, w_s) at scale s's input size (no attention for the top scale); size = the image's
-    (H, W). With s1 < ... < sn: P = p_sn; for s = s(n-1) down to s1, at a size z_s,
-        P = U(a_s * p_s) + (1 - U(a_s)) * U(P),  U = bilinear resize to z_s;
-    returns P resized to the image's size, (B, C, H, W). Linear in preds."""
-    scales = sorted(preds)
-    out = preds[scales[-1]]                                                  # (B, C, h_sn, w_sn)
-    for s in reversed(scales[:-1]):
-        # NOTE(paper-gap): z_s = the scale's own input size for s >= 1.0 and the image's size below
-        # 1.0, because the paper does not say where the chain runs (NVIDIA/semantic-segmentation
-        # network/ocrnet.py MscaleOCR.nscale_forward; a list without 1.0 still ends at the image's size).
-        at = preds[s].shape[-2:] if s >= 1.0 else size
-        a = attention[s]                                                     # (B, 1, h_s, w_s)
-        out = resize(preds[s] * a, at) + (1 - resize(a, at)) * resize(out, at)   # Eq. (1)
-    return resize(out, size)                                                 # (B, C, H, W)
-
-
-def scaled_image(image, scale):
-    """The image resized by `scale`: (B, 3, floor(s * H), floor(s * W)), each side at least 1."""
-    # NOTE(paper-gap): floor as NVIDIA network/mynn.py ResizeX (F.interpolate with scale_factor and
-    # recompute_scale_factor=True) because the paper gives no rounding; 1.0 returns the image itself.
-    return resize(image, [max(1, math.floor(n * scale)) for n in image.shape[-2:]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,19 +221,14 @@ def training_scales(ms_mode, train_scales):
 
 
 class HierarchicalMultiScaleAttention(SegModel):
-    """A trunk shared by every scale, a decoder, the semantic and attention heads (Sec. 3.1),
-    combined across scales by `ms_mode`:
-      hierarchical  Eq. (1) chained over any scales (ours, Fig. 2 right); trained with 0.5, 1.0
-      explicit      one attention map per scale, softmax over scales (Chen et al. [1], Fig. 2 left);
-                    trained with all its evaluation scales (default 0.5, 1.0, 2.0)
-      average       single-scale training; multi-scale inference averages logits (Table 1 rows 1-3)
-    decoder: 'deeplab' (ResNet trunks, Table 1), 'ocr' (HRNet, Sec. 3.1), 'none' (heads on the trunk).
-    scale_loss_weight weighs each training scale's own loss (0.05: Cityscapes recipe, 0: Mapillary's).
-    """
+    """A trunk shared by every scale, a decoder ('deeplab' on a ResNet, 'ocr' on an HRNet, 'none': the
+    trunk) and Sec. 3.1's heads, scales combined by ms_mode ('hierarchical', 'explicit', 'average').
+    loss 'rmi' (Sec. 5.1) or 'ce'; aux_loss 'ce' (Sec. 5.1) or the code's 'bce'; scale_loss_weight 0.05
+    as the code's Cityscapes recipe (0 in its Mapillary recipe)."""
 
     def __init__(self, backbone, num_classes, *, decoder="deeplab", ms_mode="hierarchical", train_scales=None,
                  head_channels=256, aspp_channels=256, ocr_channels=(512, 256), cls_head="paper",
-                 loss="rmi", aux_loss="ce", scale_loss_weight=CITYSCAPES_SCALE_LOSS_WEIGHT):
+                 loss="rmi", aux_loss="ce", scale_loss_weight=0.05):
         super().__init__()
         scales = training_scales(ms_mode, train_scales)
         if scale_loss_weight < 0:
@@ -390,16 +293,6 @@ class HierarchicalMultiScaleAttention(SegModel):
             return {}
         return {"scale_logits": {str(s): resize(v, size) for s, v in logits.items()}}
 
-    def _average(self, image, scales):
-        """Table 1 "Single Scale" (one scale) and "AvgPool": the mean of the scales' logits."""
-        size, totals = image.shape[-2:], {}
-        for s in scales:
-            _, logits, aux, _ = self._scale(image, s)
-            for name, value in (("out", logits), ("aux", aux)):
-                if value is not None:
-                    totals[name] = totals.get(name, 0) + resize(value, size)  # (B, K, H, W)
-        return {name: total / len(scales) for name, total in totals.items()}
-
     def _hierarchical(self, image, scales, with_maps):
         """Fig. 2 right: every scale's logits L_s and (all but the top scale) attention a_s at that
         scale's input size, chained by hierarchical_chain (Eq. 1); aux logits by the same attention."""
@@ -410,11 +303,9 @@ class HierarchicalMultiScaleAttention(SegModel):
             if s != scales[-1]:
                 attention[s] = resize(self.scale_attn(feats).sigmoid(), in_size)   # (B, 1, h, w)
             elif self.training:
-                # NOTE(paper-gap): the attention head also runs, output unused, on the top scale so
-                # that its BN running statistics mix the scales as the code's do (two_scale_forward
-                # in NVIDIA/semantic-segmentation network/ocrnet.py runs it on the 1.0x branch too),
-                # because the paper only says each scale "produces ... an attention mask". No grad:
-                # nothing flows back from an unused output anyway.
+                # NOTE(paper-gap): the attention head also runs, output unused (no grad), on the top
+                # scale so that its BN statistics mix the scales as the code's do (NVIDIA network/ocrnet.py
+                # two_scale_forward runs it on the 1.0x branch), because the paper is silent.
                 with torch.no_grad():
                     self.scale_attn(feats)
         result = {"out": hierarchical_chain(logits, attention, size)}       # (B, K, H, W)
@@ -458,9 +349,20 @@ class HierarchicalMultiScaleAttention(SegModel):
             result["maps"] = {f"attn_{s}": weights[:, i:i + 1].detach() for i, s in enumerate(scales)}
         return {**result, **self._per_scale(logits, size)}
 
+    def _average(self, image, scales):
+        """Table 1 "Single Scale" (one scale) and "AvgPool": the mean of the scales' LOGITS, as the
+        code's utils/trnval_utils.py (common.SegModel.predict averages probabilities instead)."""
+        size, totals = image.shape[-2:], {}
+        for s in scales:
+            _, logits, aux, _ = self._scale(image, s)
+            for name, value in (("out", logits), ("aux", aux)):
+                if value is not None:
+                    totals[name] = totals.get(name, 0) + resize(value, size)  # (B, K, H, W)
+        return {name: total / len(scales) for name, total in totals.items()}
+
     def fuse(self, image, scales, with_maps=False):
-        """Run `scales` through the shared trunk and combine them by ms_mode: {'out' (B, K, H, W),
-        'aux' (training, 'ocr'), 'maps' (with_maps, more than one scale), 'scale_logits'}."""
+        """Run `scales` through the shared trunk and combine them by ms_mode: forward's dict, 'maps'
+        only with_maps."""
         scales = tuple(sorted(set(float(s) for s in scales)))
         if not scales or min(scales) <= 0:
             raise InputError(f"scales must be positive, got {scales}")
@@ -470,22 +372,28 @@ class HierarchicalMultiScaleAttention(SegModel):
             return self._explicit(image, scales, with_maps)
         return self._hierarchical(image, scales, with_maps)
 
-    def maps(self, image, scales=(1.0,)):
-        """Each scale's weight in the result (Fig. 3) over the evaluation scales, or the training
-        scales when only one scale is evaluated."""
-        scales = tuple(sorted(scales)) if len(scales) > 1 else self.train_scales
-        return self.fuse(image, scales, with_maps=True).get("maps", {})
-
     def forward(self, image, scales=None):
         """Training: the training scales fused (Sec. 3); eval: `scales` (default 1.0 alone), with maps."""
         if scales is None:
             scales = self.train_scales if self.training else (1.0,)
         return self.fuse(image, scales, with_maps=not self.training)
 
+    def maps(self, image, scales=(1.0,)):
+        """Fig. 3: each scale's weight over the evaluation scales (the training scales if only one)."""
+        scales = tuple(sorted(scales)) if len(scales) > 1 else self.train_scales
+        return self.fuse(image, scales, with_maps=True).get("maps", {})
+
+    def predict(self, image, scales=(1.0,), flip=False):
+        """(B, K, H, W) logits for ANY scales (explicit mode: its training scales), averaged with the
+        h-flipped view's logits (the code's)."""
+        out = self.fuse(image, scales)["out"]
+        if flip:
+            out = 0.5 * (out + self.fuse(image.flip(-1), scales)["out"].flip(-1))
+        return out
+
     def loss(self, outputs, target):
-        """0.5 * sigmoid BCE + 0.5 * RMI on the fused output (or CE with loss='ce'), plus 0.4 x the
-        auxiliary criterion (CE, or sigmoid BCE with aux_loss='bce') on the fused aux logits, plus
-        scale_loss_weight * the main criterion without RMI on each training scale's own output."""
+        """0.5 * sigmoid BCE + 0.5 * RMI on 'out' (or CE with loss='ce'), + 0.4 x CE (or sigmoid BCE,
+        aux_loss='bce') on 'aux', + scale_loss_weight x the criterion without RMI on each scale's own."""
         if self.loss_type == "rmi":
             bce, rmi = rmi_loss(outputs["out"], target)
             terms = {"bce": bce, "rmi": rmi}
@@ -494,14 +402,13 @@ class HierarchicalMultiScaleAttention(SegModel):
             terms = {"ce": cross_entropy(outputs["out"], target)}
             total = terms["ce"]
         if "aux" in outputs:
-            # Sec. 5.1: "for the auxiliary segmentation head we use cross entropy" (NVIDIA's code:
-            # its criterion without RMI, sigmoid BCE, with LOSS.OCR_AUX_RMI False)
+            # Sec. 5.1: "for the auxiliary segmentation head we use cross entropy" (the code: its
+            # criterion without RMI, sigmoid BCE, with LOSS.OCR_AUX_RMI False)
             terms["aux"] = (cross_entropy if self.aux_loss == "ce" else sigmoid_bce)(outputs["aux"], target)
             total = total + OCR_AUX_WEIGHT * terms["aux"]
-        # NOTE(paper-gap): each scale's own output supervised with the criterion without RMI
-        # (sigmoid BCE, or CE with loss='ce') x scale_loss_weight, because the paper never mentions
-        # it (NVIDIA/semantic-segmentation network/ocrnet.py two_scale_forward, do_rmi=False; weight
-        # supervised_mscale_loss_wt: 0.05 in scripts/train_cityscapes.yml, unset = 0 in
+        # NOTE(paper-gap): each scale's own output supervised with the criterion without RMI x
+        # scale_loss_weight because the paper never mentions it (NVIDIA network/ocrnet.py two_scale_forward,
+        # do_rmi=False; supervised_mscale_loss_wt 0.05 in scripts/train_cityscapes.yml, unset = 0 in
         # scripts/train_mapillary.yml).
         per_scale = sigmoid_bce if self.loss_type == "rmi" else cross_entropy
         for s, logits in outputs.get("scale_logits", {}).items():
@@ -510,78 +417,133 @@ class HierarchicalMultiScaleAttention(SegModel):
         terms["total"] = total
         return terms
 
-    def predict(self, image, scales=(1.0,), flip=False):
-        """(B, K, H, W) logits at the image's size for ANY list of scales (hierarchical; the
-        explicit mode only its training scales), logits averaged with the h-flipped view (code)."""
-        out = self.fuse(image, scales)["out"]
-        if flip:
-            out = 0.5 * (out + self.fuse(image.flip(-1), scales)["out"].flip(-1))
-        return out
+
+# ----------------------------------------------------------------------------------------------
+# The loss (Sec. 5.1): region mutual information [42] as the HMSA code runs it
+
+
+def one_hot_valid(target, num_classes):
+    """(B, H, W) labels -> float32 (one-hot (B, K, H, W), ignored pixels all 0; valid mask (B, 1, H, W))."""
+    valid = (target != IGNORE_INDEX).unsqueeze(1)                            # (B, 1, H, W)
+    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes) & valid                        # (B, K, H, W)
+    return onehot.float(), valid.float()
+
+
+def sigmoid_bce(logits, target, onehot_valid=None):
+    """Sigmoid BCE against one-hot labels, summed over classes and valid pixels, / (#valid + 1): the
+    RMI criterion of NVIDIA/semantic-segmentation loss/rmi.py with do_rmi=False. In float32."""
+    onehot, valid = onehot_valid or one_hot_valid(target, logits.shape[1])
+    return F.binary_cross_entropy_with_logits(logits.float(), onehot, weight=valid,
+                                              reduction="sum") / (valid.sum() + 1)
+
+
+# NOTE(paper-gap): radius 3, 4x4 average pooling, alpha 5e-4, lambda 0.5 and the sum over classes are
+# the authors' settings (NVIDIA/semantic-segmentation loss/rmi.py) because the paper names RMI [42] only.
+def rmi_loss(logits, target, *, radius=3, pool=4, alpha=5e-4):
+    """Returns (bce, rmi); the paper's loss is 0.5 * bce + 0.5 * rmi. rmi, per class: labels Y and
+    sigmoid probabilities P 4x4 average-pooled, each 3x3 window a D = 9-dim point; the conditional
+    covariance Sigma_Y|P = Sigma_Y - Sigma_YP Sigma_P^-1 Sigma_YP^T (Sigma_P + alpha I) bounds the mutual
+    information from below; rmi = 0.5 * log det(I + Sigma_Y|P / alpha) / 9, batch mean, class sum.
+    Float32 to the pooled maps, float64 from the region vectors on (a Cholesky of near-singular
+    matrices fails in fp16/fp32) as loss/rmi.py; autocast off."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()                                              # (B, K, H, W)
+        B, K, H, W = logits.shape
+        onehot, valid = one_hot_valid(target, K)                             # (B, K, H, W), (B, 1, H, W)
+        bce = sigmoid_bce(logits, target, (onehot, valid))
+        prob = logits.sigmoid() * valid + 1e-6                               # (B, K, H, W) float32
+        label = F.avg_pool2d(onehot, pool, pool, pool // 2)                  # (B, K, H', W')
+        prob = F.avg_pool2d(prob, pool, pool, pool // 2)
+        if min(label.shape[-2:]) < radius:                                   # too small for a window
+            return bce, bce.new_zeros(())
+        D = radius * radius
+        # every radius x radius window (no padding) as a D-dim point, centred over the N windows
+        y, p = (F.unfold(m.double().flatten(0, 1).unsqueeze(1), radius).view(B, K, D, -1) for m in (label, prob))
+        y, p = y - y.mean(-1, keepdim=True), p - p.mean(-1, keepdim=True)    # (B, K, D, N) float64
+        eye = torch.eye(D, dtype=torch.float64, device=logits.device)
+        cov_y = y @ y.transpose(-1, -2)                                      # (B, K, D, D)
+        cov_yp = y @ p.transpose(-1, -2)
+        cov_p = p @ p.transpose(-1, -2) + alpha * eye
+        cond = cov_y - cov_yp @ torch.linalg.solve(cov_p, cov_yp.transpose(-1, -2))
+        cond = 0.5 * (cond + cond.transpose(-1, -2))                         # exact symmetry for Cholesky
+        chol = torch.linalg.cholesky(cond + alpha * eye)
+        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)          # (B, K)
+        # NOTE(paper-gap): the code's 0.5 * log det(cond + alpha I) minus its minimum 0.5 * log det(alpha I),
+        # so that rmi >= 0, because the paper gives no formula (a constant: the gradients are the code's).
+        rmi = 0.5 * (log_det - D * math.log(alpha))
+        return bce, (rmi.mean(0) / D).sum().float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every flag is the model's keyword of its name
+
+
+DEFAULTS = {name: p.default for name, p in inspect.signature(HierarchicalMultiScaleAttention).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+# read by some models only: left out of args unless given, so that one that would change nothing is refused
+ONLY_SOME = ("decoder", "train_scales", "scale_loss_weight", "aspp_channels", "ocr_channels", "cls_head", "aux_loss")
 
 
 def add_args(parser):
-    group = parser.add_argument_group("hier_ms_attn: Hierarchical Multi-Scale Attention")
-    group.add_argument("--decoder", choices=("deeplab", "ocr", "none"), default=None,
-                       help="what the heads read (default: deeplab for ResNet trunks, ocr for HRNet): "
-                            "deeplab = DeepLab V3+, Table 1's model; ocr = HRNet-OCR, Sec. 3.1 and Tables "
-                            "2-4; none = the trunk's last features (Sec. 3.1's ResNet-50 text)")
-    group.add_argument("--ms-mode", choices=("hierarchical", "explicit", "average"), default="hierarchical",
-                       help="how scales are combined (Table 1): hierarchical = ours, Eq. (1) chained over "
-                            "any --eval-scales; explicit = Chen et al. [1], one attention map per scale, "
-                            "softmax, trained with all scales; average = single-scale training, logits "
-                            "averaged over --eval-scales ('Single Scale' with 1.0, 'AvgPool' with more)")
-    group.add_argument("--train-scales", type=ranged(float, 0, low_open=True), nargs="+", default=None,
-                       help="image scales used in training (default: 0.5 1.0 for hierarchical, Sec. 3; "
-                            "0.5 1.0 2.0 for explicit, Table 1; average trains at 1.0 and takes none)")
-    group.add_argument("--loss", choices=("rmi", "ce"), default="rmi",
-                       help="loss on the fused output: rmi = 0.5 sigmoid BCE + 0.5 RMI [42] (Sec. 5.1, "
-                            "code settings), ce = plain cross-entropy")
-    group.add_argument("--scale-loss-weight", type=ranged(float, 0), default=None,
-                       help="weight of the loss without RMI (sigmoid BCE; CE with --loss ce) on each "
-                            "training scale's own prediction (code recipes' supervised_mscale_loss_wt: "
-                            "0.05 for Cityscapes, the default; 0 for Mapillary); not with --ms-mode average")
-    group.add_argument("--head-channels", type=ranged(int, 1), default=256,
-                       help="inner width of the semantic and attention heads (Sec. 3.1; 256 in the code)")
-    group.add_argument("--aspp-channels", type=ranged(int, 1), default=None,
-                       help="--decoder deeplab: width of each ASPP branch and of its projection (256)")
-    group.add_argument("--ocr-channels", type=ranged(int, 1), nargs=2, default=None, metavar=("MID", "KEY"),
-                       help="--decoder ocr: OCR block width and key width (512 256, the code's)")
-    group.add_argument("--cls-head", choices=("paper", "code"), default=None,
-                       help="--decoder ocr: semantic head on the OCR features: paper = (3x3 conv, BN, "
-                            "ReLU) x 2 -> 1x1 (Sec. 3.1, the default); code = one 1x1 conv (NVIDIA's "
-                            "network/ocrnet.py cls_head; its released weights need it)")
-    group.add_argument("--aux-loss", choices=("ce", "bce"), default=None,
-                       help="--decoder ocr: auxiliary head's loss, weight 0.4: ce = cross-entropy (Sec. 5.1, "
-                            "the default); bce = the code's sigmoid BCE (its criterion without RMI)")
-
-
-def refuse_unused(given, reason):
-    """InputError naming the given flags (flag, value) whose value is not None: they would change nothing."""
-    named = [flag for flag, value in given if value is not None]
-    if named:
-        raise InputError(f"hier_ms_attn: {', '.join(named)} would change nothing: {reason}")
+    words = lambda values: " ".join(map(str, values))
+    group = parser.add_argument_group("hier_ms_attn: Hierarchical Multi-Scale Attention",
+                                      argument_default=argparse.SUPPRESS)           # the ONLY_SOME flags
+    group.add_argument("--decoder", choices=("deeplab", "ocr", "none"),
+                       help="what the heads read: deeplab = DeepLab V3+ (Table 1), ocr = HRNet-OCR (Sec. 3.1, "
+                            "Tables 2-4), none = the trunk (Sec. 3.1) (default: deeplab on a ResNet, ocr on an HRNet)")
+    group.add_argument("--ms-mode", choices=("hierarchical", "explicit", "average"), default=DEFAULTS["ms_mode"],
+                       help="how scales combine (Table 1): hierarchical = Eq. (1) over any --eval-scales; explicit = "
+                            "Chen et al. [1], a softmax over its training scales; average = trained at 1.0, logits "
+                            "averaged ('Single Scale' with 1.0, 'AvgPool' with more)")
+    group.add_argument("--train-scales", type=ranged(float, 0, low_open=True), nargs="+",
+                       help=f"training scales (default: {words(DEFAULT_TRAIN_SCALES['hierarchical'])} hierarchical, "
+                            f"Sec. 3; {words(DEFAULT_TRAIN_SCALES['explicit'])} explicit, Table 1; average: 1.0, "
+                            "fixed)")
+    group.add_argument("--loss", choices=("rmi", "ce"), default=DEFAULTS["loss"],
+                       help="on the fused output: rmi = 0.5 sigmoid BCE + 0.5 RMI [42] (Sec. 5.1), ce = cross-entropy")
+    group.add_argument("--scale-loss-weight", type=ranged(float, 0),
+                       help="weight of the loss without RMI on each training scale's own output, not with --ms-mode "
+                            f"average (default: {DEFAULTS['scale_loss_weight']}, the code's Cityscapes recipe; "
+                            "its Mapillary recipe: 0)")
+    group.add_argument("--head-channels", type=ranged(int, 1), default=DEFAULTS["head_channels"],
+                       help="inner width of the semantic and attention heads (Sec. 3.1; the code's)")
+    group.add_argument("--aspp-channels", type=ranged(int, 1),
+                       help=f"--decoder deeplab: width of the ASPP's branches and of its projection "
+                            f"(default: {DEFAULTS['aspp_channels']})")
+    group.add_argument("--ocr-channels", type=ranged(int, 1), nargs=2, metavar=("MID", "KEY"),
+                       help=f"--decoder ocr: OCR widths (default: {words(DEFAULTS['ocr_channels'])}, the code's)")
+    group.add_argument("--cls-head", choices=("paper", "code"),
+                       help="--decoder ocr: semantic head: paper = Sec. 3.1's; code = a 1x1 conv, which NVIDIA's "
+                            f"released weights need (default: {DEFAULTS['cls_head']})")
+    group.add_argument("--aux-loss", choices=("ce", "bce"),
+                       help=f"--decoder ocr: aux head's loss (weight {OCR_AUX_WEIGHT}): ce = cross-entropy (Sec. "
+                            f"5.1), bce = the code's sigmoid BCE (default: {DEFAULTS['aux_loss']})")
 
 
 def build_model(args):
+    """The command line's door to HierarchicalMultiScaleAttention (nothing else reads args)."""
+    # None: what a checkpoint written when these flags defaulted to None holds for "not given"
+    given = {name: getattr(args, name) for name in ONLY_SOME if getattr(args, name, None) is not None}
     hrnet = args.backbone in HRNET_LAYOUTS
-    decoder = args.decoder or ("ocr" if hrnet else "deeplab")
+    decoder = given.setdefault("decoder", "ocr" if hrnet else "deeplab")
     if decoder == "ocr" and not hrnet:
         raise InputError(f"hier_ms_attn: --decoder ocr is HRNet-OCR (Sec. 3.1): it needs --backbone "
                          f"{' | '.join(HRNET_LAYOUTS)}, got {args.backbone}")
     if decoder == "deeplab" and hrnet:
         raise InputError(f"hier_ms_attn: --decoder deeplab is Table 1's DeepLab V3+ on a ResNet; with "
                          f"--backbone {args.backbone} use --decoder ocr or none")
+    idle = []                                                                # (flags, why they change nothing)
     if args.ms_mode == "average":
-        refuse_unused([("--train-scales", args.train_scales), ("--scale-loss-weight", args.scale_loss_weight)],
-                      "--ms-mode average trains one scale (1.0), so there are no scales to choose or supervise")
+        idle.append((("train_scales", "scale_loss_weight"),
+                     "--ms-mode average trains one scale (1.0), so there are no scales to choose or supervise"))
     if decoder != "ocr":
-        refuse_unused([("--ocr-channels", args.ocr_channels), ("--cls-head", args.cls_head),
-                       ("--aux-loss", args.aux_loss)], f"--decoder {decoder} has no OCR block")
+        idle.append((("ocr_channels", "cls_head", "aux_loss"), f"--decoder {decoder} has no OCR block"))
     if decoder != "deeplab":
-        refuse_unused([("--aspp-channels", args.aspp_channels)], f"--decoder {decoder} has no ASPP")
-    weight = CITYSCAPES_SCALE_LOSS_WEIGHT if args.scale_loss_weight is None else args.scale_loss_weight
-    return HierarchicalMultiScaleAttention(
-        build_backbone(args, hrnet=True), args.num_classes, decoder=decoder, ms_mode=args.ms_mode,
-        train_scales=args.train_scales, head_channels=args.head_channels, aspp_channels=args.aspp_channels or 256,
-        ocr_channels=tuple(args.ocr_channels or (512, 256)), cls_head=args.cls_head or "paper", loss=args.loss,
-        aux_loss=args.aux_loss or "ce", scale_loss_weight=weight)
+        idle.append((("aspp_channels",), f"--decoder {decoder} has no ASPP"))
+    for names, why in idle:
+        named = [f"--{name.replace('_', '-')}" for name in names if name in given]
+        if named:
+            raise InputError(f"hier_ms_attn: {', '.join(named)} would change nothing: {why}")
+    return HierarchicalMultiScaleAttention(build_backbone(args, hrnet=True), args.num_classes, ms_mode=args.ms_mode,
+                                           head_channels=args.head_channels, loss=args.loss, **given)

@@ -1,67 +1,58 @@
 """Specialize and Fuse: Pyramidal Output Representation for Semantic Segmentation.
 
-C.-W. Hsiao, C. Sun, H.-T. Chen, M. Sun, ICCV 2021, arXiv:2108.01866. No official code has been
-released: this file is our reference reconstruction from Secs. 3-5 of the paper; every gap it fills is
-marked NOTE(paper-gap) at its line, with the reason.
+C.-W. Hsiao, C. Sun, H.-T. Chen, M. Sun, ICCV 2021, https://arxiv.org/abs/2108.01866. No official code
+has been released: this file is a reconstruction from Secs. 3-5 of the paper.
 
-Idea. Besides the usual per-pixel output, predict two pyramids of L levels (cells of 32, 16, 8, 4
-pixels): a unity pyramid (is every pixel of this cell one class?) and a semantic pyramid (the class
-of each cell). In training, a cell whose ancestor is a unity cell the network already gets right is
-"done by coarser" and ignored, so each level specialises in what coarser levels leave (Specialize,
-Sec. 3.2). At inference each pixel takes the class of its coarsest confident unity cell, the finest
-level filling what is left (Fuse, Sec. 3.3).
+Besides the per-pixel output, predict two pyramids of L levels (cells of 32, 16, 8, 4 pixels): unity (is
+every pixel of this cell one class?) and semantic (the class of each cell). In training, a cell under a
+unity ancestor that the network already gets right is "done by coarser" and ignored, so each level
+specialises in what coarser levels leave (Specialize, Sec. 3.2). At inference each pixel takes the class
+of its coarsest confident unity cell, the finest level filling what is left (Fuse, Sec. 3.3).
 
-Map from the code to the paper
-    working_size, pyramid_ground_truth   Sec. 3.1 (input sizes, unity and semantic ground truth)
-    done_by_coarser                      Sec. 3.2, Table 7 (naive / simple fix / true positive)
-    SpecializeFuse.loss                  Sec. 3.2, Eq. (1) with the relabelled ground truth
-    fuse                                 Sec. 3.3, Eq. (2), Table 8 (fuse / finest only)
-    to_image, level_to_image             Sec. 3.3: the fused stride-4 grid brought to the image's pixels
+    working_size, pyramid_ground_truth   Sec. 3.1: input size, unity and semantic ground truth
+    done_by_coarser, SpecializeFuse.loss Sec. 3.2, Table 7: relabelling; Eq. (1)
+    fuse, to_image, level_to_image       Sec. 3.3, Eq. (2), Table 8: fusion; the stride-4 grid to pixels
     UnityHead                            Sec. 4.1, Fig. 2b
-    pyramid_pool                         Sec. 4.2, Eqs. (6), (10): PyramidPool, bins (1, 3, 6, 8)
-    ContextAggregation                   Sec. 4.2, Eqs. (4), (8), (9), Fig. 2d; also the ANL block [34]
-    ContextUpdating                      Sec. 4.2, Eqs. (5), (10), (11), Fig. 2e
-    SemanticHead                         Sec. 4.2, Eqs. (3)-(7), Fig. 2c, Table 6 (context switch)
-    LightDecoder                         Sec. 5.1.2: ResNet stages fused at output stride 4, D = 720
-    SpecializeFuse                       Fig. 2a: backbone + decoder + unity head + semantic head
-    level_confusion, level_tables        Sec. 5.5: Table 9 (level l' on the pixels fused from l), Fig. 3
+    pyramid_pool, ContextAggregation     Sec. 4.2, Eqs. (6), (8)-(10), Fig. 2d; also Table 6's ANL [34]
+    ContextUpdating, SemanticHead        Sec. 4.2, Eqs. (3)-(7), (10)-(11), Figs. 2c, 2e, Table 6
+    LightDecoder                         Sec. 5.1.2: a ResNet's stages fused at stride 4, D = 720
+    SpecializeFuse                       Fig. 2a, on HRNetV2's stride-4 concat or a ResNet + LightDecoder
+    SpecializeFuse.level_outputs         Sec. 5.5: each level as 'out' would be (Table 9: tools/levels.py)
 
-Table 8's rows: "single output" = output_format 'single'; "aux. supervision" = relabel 'naive' with
-inference 'finest' (the literal reading: the coarser levels are plain auxiliary losses on their Sec. 3.1
-targets; see add_args); "specialize & fuse" = the defaults.
-
-Backbone (Sec. 5.1.2): HRNetV2 (`--backbone hrnet48`, the HRNet48 rows of Tables 1-5; `hrnet32`, the
-ablations of Tables 6-9), the heads reading its stride-4 concat (common.hrnet_features, D = 720 / 480),
-or a standard ResNet (ResNet101 rows of Tables 1-4) with the LightDecoder below.
-
-forward(image) returns a dict ((H', W') the working size of Sec. 3.1, levels coarsest first)
-    'semantic' list of (B, K, H'/s, W'/s) logits per level (the single output: the finest only)
-    'unity'    list of (B, H'/s, W'/s) unity logits of the L-1 coarser levels (pyramidal only)
+forward(image) returns ((H', W') the working size of Sec. 3.1, levels coarsest first):
+    'semantic' [(B, K, H'/s, W'/s)] logits per level (output_format 'single': the finest only)
+    'unity'    [(B, H'/s, W'/s)] unity logits of the L-1 coarser levels (pyramidal only)
     eval mode only (Eq. (1) reads the pyramids alone, so training builds none of these):
-    'out'      (B, K, H, W) logits: the Eq. (2) fusion (or the finest level), finest sample j on working
-               pixel 4j (to_image), resized to (H, W) when the working size differs
-    'level'    (B, H, W) int64, the level each pixel was taken from (the one that weighs most in its
-               'out'), 0 = coarsest (pyramidal)
-    'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w) unity probabilities at
-               the finest level} (Fig. 1; pyramidal)
+    'out'      (B, K, H, W) logits of the Eq. (2) fusion (or of the finest level) at the image's pixels
+    'level'    (B, H, W) int64, the level that weighs most in each pixel's 'out', 0 = coarsest (pyramidal)
+    'maps'     {'level': (B, 1, h, w) level / (L-1), 'unity': (B, L-1, h, w)} at the finest level (Fig. 1)
 
-Table 9 and Fig. 3 of a checkpoint that train.py wrote (the model's flags come from the checkpoint;
---val-split on whole images at one scale):
-    python specialize_fuse.py --checkpoint OUT/best.pt [--data-root DIR] [--val-split S] [--device D]
+Deviation, a switch: finest_target 'pixels' (at SpecializeFuse.loss). Gaps filled, each at its
+NOTE(paper-gap): unlabelled pixels (pyramid_ground_truth); true positives, 'naive' (done_by_coarser); Up,
+pixel 4j (fuse, to_image); the 1x1 convs (UnityHead); average pooling (pyramid_pool); key width
+(ContextAggregation); projection, Eq. (3) at L = 2, single output, ANL-multi, last CU (SemanticHead);
+the ResNet decoder (LightDecoder); BCE weights (unity_bce); Table 6's ANL (SpecializeFuse); labels at the
+working size (loss); Table 8's "aux. supervision" row (add_args).
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (HRNet, IGNORE_INDEX, InputError, SegModel, autocast, build_backbone, build_datasets, confusion_matrix,
-                    conv_bn_relu, cross_entropy, file_dataset, hrnet_features, load_checkpoint, load_weights, ranged, resize,
-                    segmentation_metrics, upsample_strided)
+from common import (HRNet, IGNORE_INDEX, InputError, SegModel, build_backbone, conv_bn_relu, cross_entropy,
+                    hrnet_features, ranged, resize, upsample_strided)
 
 FINEST_STRIDE = 4                              # s_L, the backbone's output stride (Sec. 3.1, 5.1.3)
 STRIDES = {2: (32, FINEST_STRIDE), 4: (32, 16, 8, FINEST_STRIDE)}   # cell sizes s_l, coarsest first (5.1.3, 5.4)
+TAU = 0.9                                      # unity threshold of Eq. (2) and of the relabelling (Sec. 5.1.3)
 PYRAMID_BINS = (1, 3, 6, 8)                    # PyramidPool output sizes (Sec. 4.2)
+UNITY_CHANNELS, SEMANTIC_CHANNELS = 64, 512    # D_u, D_s (Sec. 5.1.3)
+DECODER_CHANNELS = (48, 96, 192, 384)          # LightDecoder's stage widths, D = 720 (Sec. 5.1.2)
+# the switches, first the paper's setting: Table 6 (output format, context), 7 (relabel), 8 (inference)
+OUTPUT_FORMATS = ("pyramidal", "single")
+CONTEXTS = ("ours", "anl", "anl-multi", "none")
+RELABEL_POLICIES = ("true-positive", "simple", "naive")
+INFERENCES = ("fuse", "finest")
+FINEST_TARGETS = ("cells", "pixels")           # Sec. 3.1, or a deviation (SpecializeFuse.loss)
 
 
 def nearest_up(x, factor):
@@ -108,7 +99,7 @@ def pyramid_ground_truth(target, strides):
     return semantic, unity
 
 
-def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9):
+def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=TAU):
     """The cells "done by coarser" (Sec. 3.2): one (B, H/s, W/s) bool mask per level, coarsest first.
 
     unity: the L ground-truth unity levels of pyramid_ground_truth; unity_prob: the L-1 predicted
@@ -133,7 +124,7 @@ def done_by_coarser(unity, unity_prob, strides, policy="true-positive", tau=0.9)
     return done
 
 
-def fuse(semantic, unity_prob, strides, tau=0.9):
+def fuse(semantic, unity_prob, strides, tau=TAU):
     """Eq. (2): each finest cell takes the logits of its coarsest ancestor predicted unity (>= tau);
     the finest level, taken as unity everywhere, fills what is left.
 
@@ -186,20 +177,14 @@ class UnityHead(nn.Module):
 
     X_u = Conv1x1(X); X_centroid^(l) = Conv1x1_centroid(AvgPool(X_u)), one conv shared by the levels;
     X_diff^(l) = Conv1x1_pixel(X_u) - Up_nearest(X_centroid^(l)); X_unity^(l) = sigmoid(Conv1x1_cls(X_diff^(l))),
-    Conv1x1_cls shared by the levels; U^(l) = MinPool(X_unity^(l)) per cell.
-
-    Why two convs: the pooled side and the pixel side each have their own, as Sec. 4.1 applies "a shared
-    Conv1x1" (shared across the levels) to the pooled X_u and subtracts from "Conv1x1(X_u)". One conv on
-    both would cancel: average pooling commutes with a 1x1 conv, so X_diff would be that conv of X_u minus
-    its cell mean, which averages to zero over the cell, and no cell's logit could exceed the classifier's
-    bias. With two convs an entry's logit is a . x - c . (mean of x over its cell) + b, and a uniform cell
-    scores (a - c) . x + b, as high as its features make it.
+    Conv1x1_cls shared by the levels; U^(l) = MinPool(X_unity^(l)) per cell. The pooled side and the
+    pixel side each have their own conv (the NOTE at self.pixel).
 
     Input X (B, D, h, w) at the finest level; output: list over the L-1 coarser levels of
     (B, H/s, W/s) unity logits (sigmoid gives U^(l)).
     """
 
-    def __init__(self, in_channels, *, channels=64, strides=STRIDES[4]):
+    def __init__(self, in_channels, *, channels=UNITY_CHANNELS, strides=STRIDES[4]):
         super().__init__()
         self.factors = [s // strides[-1] for s in strides[:-1]]
         # NOTE(paper-gap): the four 1x1 convs are plain convs, no BN/ReLU, because Sec. 4.1 names none. Only the
@@ -207,7 +192,9 @@ class UnityHead(nn.Module):
         self.reduce = nn.Conv2d(in_channels, channels, 1, bias=False)    # X -> X_u
         self.centroid = nn.Conv2d(channels, channels, 1, bias=False)     # pooled side, shared by the levels
         # NOTE(paper-gap): one pixel-side Conv1x1(X_u) for every level, because Sec. 4.1 subtracts each level's
-        # centroids from the same Conv1x1(X_u)
+        # centroids from the same Conv1x1(X_u); it is not the pooled side's conv, which would cancel: average
+        # pooling commutes with a 1x1 conv, X_diff would average to zero over each cell and no unity logit could
+        # exceed the classifier's bias
         self.pixel = nn.Conv2d(channels, channels, 1, bias=False)
         self.classify = nn.Conv2d(channels, 1, 1)                        # shared, followed by the sigmoid
 
@@ -292,7 +279,7 @@ class SemanticHead(nn.Module):
     pyramidal=False predicts the finest level only. Output: list of (B, K, H/s, W/s), coarsest first.
     """
 
-    def __init__(self, in_channels, num_classes, *, channels=512, strides=STRIDES[4], context="ours",
+    def __init__(self, in_channels, num_classes, *, channels=SEMANTIC_CHANNELS, strides=STRIDES[4], context="ours",
                  pyramidal=True):
         super().__init__()
         # NOTE(paper-gap): a single output with context 'ours' still refines every level coarse to fine
@@ -349,7 +336,7 @@ class LightDecoder(nn.Module):
     in_strides: the backbone's stage strides (4, 8, 16, 32); stage i's sample j lies on c1's sample
     j * in_strides[i] / in_strides[0], since both are centred on input pixel in_strides[i] * j."""
 
-    def __init__(self, in_channels, in_strides, *, channels=(48, 96, 192, 384)):
+    def __init__(self, in_channels, in_strides, *, channels=DECODER_CHANNELS):
         super().__init__()
         self.ratios = [s // in_strides[0] for s in in_strides]
         # NOTE(paper-gap): "reduce the number of channels of each stage" = 1x1 conv + BN + ReLU to
@@ -382,25 +369,20 @@ def unity_bce(logits, target):
 
 
 class SpecializeFuse(SegModel):
-    """ResNet + light decoder + unity and semantic heads (Fig. 2a), Eq. (1) loss, Eq. (2) inference.
-
-    output_format 'pyramidal' (ours) or 'single' (Table 6 rows); context 'ours', 'anl', 'anl-multi',
-    'none' (Table 6 columns); relabel 'true-positive', 'simple', 'naive' (Table 7); inference 'fuse'
-    or 'finest' (Table 8; its "aux. supervision" row is relabel 'naive' with inference 'finest'); levels 4
-    or 2 (Sec. 5.4); tau the unity threshold (Sec. 5.1.3);
-    finest_target 'cells' (Sec. 3.1, Eq. 1) or 'pixels' (a deviation): how the finest level is
-    supervised (see loss).
+    """Fig. 2a: a backbone (HRNetV2's stride-4 concat, or a ResNet + LightDecoder), the unity and semantic
+    heads; Eq. (1) loss, Eq. (2) inference. The keywords default to the paper's setting: output_format
+    (Table 6 rows), context (Table 6 columns), relabel (Table 7), inference (Table 8), levels (L, Sec.
+    5.4), tau (Sec. 5.1.3), finest_target (Sec. 3.1's 'cells', or a deviation: see loss), D_u, D_s.
     """
 
     def __init__(self, backbone, num_classes, *, output_format="pyramidal", context="ours",
-                 relabel="true-positive", inference="fuse", levels=4, tau=0.9, finest_target="cells",
-                 decoder_channels=(48, 96, 192, 384), unity_channels=64, semantic_channels=512):
+                 relabel="true-positive", inference="fuse", levels=4, tau=TAU, finest_target="cells",
+                 decoder_channels=DECODER_CHANNELS, unity_channels=UNITY_CHANNELS,
+                 semantic_channels=SEMANTIC_CHANNELS):
         super().__init__()
-        for name, value, allowed in (("output format", output_format, ("pyramidal", "single")),
-                                     ("context", context, ("ours", "anl", "anl-multi", "none")),
-                                     ("relabel", relabel, ("true-positive", "simple", "naive")),
-                                     ("inference", inference, ("fuse", "finest")), ("levels", levels, (2, 4)),
-                                     ("finest target", finest_target, ("pixels", "cells"))):
+        for name, value, allowed in (("output format", output_format, OUTPUT_FORMATS), ("context", context, CONTEXTS),
+                                     ("relabel", relabel, RELABEL_POLICIES), ("inference", inference, INFERENCES),
+                                     ("levels", levels, tuple(STRIDES)), ("finest target", finest_target, FINEST_TARGETS)):
             if value not in allowed:
                 raise InputError(f"specialize_fuse: {name} must be one of {allowed}, got {value!r}")
         self.backbone = backbone
@@ -435,8 +417,7 @@ class SpecializeFuse(SegModel):
             outputs["out"] = to_image(semantic[-1], (H, W))    # (B, K, H, W)
             return outputs
         prob = [u.detach().float().sigmoid() for u in outputs["unity"]]   # U^(l), compared with tau
-        # Table 8: 'finest' skips the fusion (its "aux. supervision" row, read literally, also trains
-        # with --relabel naive: see add_args)
+        # Table 8: 'finest' skips the fusion
         tau = self.tau if self.inference == "fuse" else float("inf")
         fused, level = fuse(semantic, prob, self.strides, tau)          # (B, K, h, w), (B, h, w)
         outputs["out"] = to_image(fused, (H, W))               # (B, K, H, W)
@@ -476,178 +457,71 @@ class SpecializeFuse(SegModel):
         bce = sum(unity_bce(u, t) for u, t in zip(outputs["unity"], unity_gt)) / (L - 1)
         return {"semantic": ce, "unity": bce, "total": ce + bce}
 
+    @staticmethod
+    def level_outputs(semantic, size):
+        """Sec. 5.5 (Table 9, Fig. 3): each level of the semantic pyramid ([(B, K, H'/s, W'/s)], coarsest first)
+        at the image's (B, K, H, W), one level at a time, as 'out' would be had Eq. (2) taken that level
+        everywhere: nearest Up to the finest cells, then to_image. A method, so that tools reach it
+        through the model."""
+        finest = semantic[-1].shape[-1]
+        for logits in semantic:
+            yield to_image(nearest_up(logits, finest // logits.shape[-1]), size)   # (B, K, H, W)
+
 
 # ----------------------------------------------------------------------------------------------
-# Sec. 5.5: does each level specialise? (Table 9, Fig. 3)
+# The command line: flags default to the constructor's keywords (the paper's setting)
 
 
-def level_confusion(outputs, target, num_classes):
-    """(L, L, K, K) int64: [l, l'] is the confusion matrix (rows ground truth) of level l''s semantic
-    prediction over the pixels of `target` (B, H, W) that the fusion took from level l (outputs['level'],
-    eval mode). Level l' is brought to the pixels as the evaluated 'out' is (Eq. 2's nearest Up to the
-    finest level, then to_image), so where the fusion takes l' everywhere the two agree.
-    Ignore pixels are skipped. Sum it over a split."""
-    semantic, level = outputs["semantic"], outputs["level"]                     # level (B, H, W)
-    L, finest = len(semantic), semantic[-1].shape[-1]
-    confusion = target.new_zeros(L, L, num_classes, num_classes)
-    for l_sem, logits in enumerate(semantic):
-        up = nearest_up(logits, finest // logits.shape[-1])                     # (B, K, h, w) finest cells
-        pred = to_image(up, target.shape[-2:]).argmax(1)                        # (B, H, W) as 'out'
-        for l in range(L):
-            group = level == l
-            confusion[l, l_sem] = confusion_matrix(pred[group], target[group], num_classes)
-    return confusion
-
-
-def level_tables(confusion, fused, class_names=None):
-    """Table 9: mIoU[l'][l] of level l' on the pixels taken from level l, and each group's share of
-    the pixels (%). Fig. 3: per-class IoU of each level l' over all pixels, and of the fused output
-    (`fused`: the (K, K) confusion matrix of 'out'). Percentages; NaN / None where a class or group is empty."""
-    L = len(confusion)
-    table9 = [[segmentation_metrics(confusion[l, l_sem])["mIoU"] for l in range(L)] for l_sem in range(L)]
-    share = [100 * confusion[l, 0].sum().item() / max(confusion[:, 0].sum().item(), 1) for l in range(L)]
-    per_level = [segmentation_metrics(confusion[:, l_sem].sum(0), class_names)["IoU"] for l_sem in range(L)]
-    return table9, share, per_level, segmentation_metrics(fused, class_names)["IoU"]
-
-
-def markdown_tables(table9, share, per_level, fused):
-    """Table 9 (rows l', columns l) and Fig. 3 (per class: the fused IoU, then each level's IoU minus
-    it) as Markdown, levels numbered as the paper (1 = coarsest) and listed finest first."""
-    levels = list(reversed(range(len(table9))))
-    fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
-    row = lambda cells: "| " + " | ".join(cells) + " |"
-    lines = ["Table 9: mIoU of semantic level l' (rows) on the pixels fused from level l (columns)", "",
-             row(["l' \\ l"] + [str(l + 1) for l in levels]), row(["---"] * (len(levels) + 1))]
-    lines += [row([str(r + 1)] + [fmt(table9[r][l]) for l in levels]) for r in levels]
-    lines += [row(["pixels (%)"] + [fmt(share[l]) for l in levels]), "",
-              "Fig. 3: per-class IoU of the fused output, and of each level l' minus it", "",
-              row(["class", "fused"] + [f"l'={r + 1}" for r in levels]), row(["---"] * (len(levels) + 2))]
-    for name, iou in fused.items():
-        deltas = [None if iou is None or per_level[r][name] is None else per_level[r][name] - iou for r in levels]
-        lines.append(row([name, fmt(iou)] + [fmt(d) for d in deltas]))
-    return "\n".join(lines)
-
-
-@torch.no_grad()
-def level_analysis(model, dataset, device):
-    """(level_confusion, confusion matrix of 'out') summed over `dataset` (eval items), one whole
-    image at a time, one scale."""
-    model.eval()
-    confusion = fused = 0
-    for index in range(len(dataset)):
-        image, label = dataset[index]
-        outputs, label = model(image[None].to(device)), label[None].to(device)
-        confusion = confusion + level_confusion(outputs, label, dataset.num_classes)
-        fused = fused + confusion_matrix(outputs["out"].argmax(1), label, dataset.num_classes)
-    return confusion, fused
+DEFAULTS = SpecializeFuse.__init__.__kwdefaults__
+UNITY_FLAGS = ("relabel", "inference", "tau", "finest_target", "unity_channels")   # read by the pyramids alone
 
 
 def add_args(parser):
     group = parser.add_argument_group("specialize_fuse: Specialize and Fuse (ICCV 2021)")
-    group.add_argument("--output-format", choices=("pyramidal", "single"), default="pyramidal",
+    group.add_argument("--output-format", choices=OUTPUT_FORMATS, default=DEFAULTS["output_format"],
                        help="pyramidal output (ours) or the standard single finest-level output (Table 6 rows)")
-    group.add_argument("--context", choices=("ours", "anl", "anl-multi", "none"), default="ours",
+    group.add_argument("--context", choices=CONTEXTS, default=DEFAULTS["context"],
                        help="coarse-to-fine CA/CU, one ANL on the backbone, one ANL per level, none (Table 6)")
-    group.add_argument("--relabel", choices=("true-positive", "simple", "naive"), default=None,
-                       help="ignore descendants of true-positive (ours, the default) / all ground-truth / no "
-                            "unity cells (Table 7)")
+    group.add_argument("--relabel", choices=RELABEL_POLICIES, default=DEFAULTS["relabel"],
+                       help="ignore descendants of true-positive (ours) / all ground-truth / no unity cells (Table 7)")
     # NOTE(paper-gap): Table 8's "aux. supervision" row is --relabel naive --inference finest, because Sec. 5.4
     # calls the multi-level supervision auxiliary and the row scores above the single output, while with
     # true-positive relabelling a perfect unity head leaves the finest level few targets (12.2 % of the
     # finest cells of CamVid train at its working size 192 x 256; naive: 84.5 %)
-    group.add_argument("--inference", choices=("fuse", "finest"), default=None,
-                       help="fuse the pyramids by Eq. (2) (the default), or the finest level only (Table 8; its "
-                            "\"aux. supervision\" row is --relabel naive --inference finest)")
-    group.add_argument("--pyramid-levels", type=int, choices=(2, 4), default=None,
-                       help="L: 4 levels of strides {32,16,8,4} (the default) or 2 of strides {32,4} (Sec. 5.4)")
-    group.add_argument("--tau", type=ranged(float, 0, 1), default=None,
-                       help="unity threshold of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3; 0.9)")
-    group.add_argument("--finest-target", choices=("cells", "pixels"), default=None,
-                       help="supervise the finest level per 4x4 cell with mix cells ignored (Sec. 3.1, Eq. 1; "
-                            "the default), or per pixel (a deviation: mix cells' pixels keep their labels)")
-    group.add_argument("--unity-channels", type=ranged(int, 1), default=None, help="D_u of the unity head (Sec. 5.1.3; 64)")
-    group.add_argument("--semantic-channels", type=ranged(int, 1), default=512, help="D_s of the semantic head (Sec. 5.1.3)")
-
-
-def given_or(value, default):
-    """A flag's value, or its default when it was not given (None)."""
-    return default if value is None else value
+    group.add_argument("--inference", choices=INFERENCES, default=DEFAULTS["inference"],
+                       help="fuse the pyramids by Eq. (2), or the finest level only (Table 8; its \"aux. "
+                            "supervision\" row is --relabel naive --inference finest)")
+    group.add_argument("--pyramid-levels", type=int, choices=tuple(STRIDES), default=DEFAULTS["levels"],
+                       help="L: 4 levels of strides {32,16,8,4} or 2 of strides {32,4} (Sec. 5.4)")
+    group.add_argument("--tau", type=ranged(float, 0, 1), default=DEFAULTS["tau"],
+                       help="unity threshold of Eq. (2) and of the true-positive relabelling (Sec. 5.1.3)")
+    group.add_argument("--finest-target", choices=FINEST_TARGETS, default=DEFAULTS["finest_target"],
+                       help="supervise the finest level per 4x4 cell with mix cells ignored (Sec. 3.1, Eq. 1), "
+                            "or per pixel (a deviation: mix cells' pixels keep their labels)")
+    group.add_argument("--unity-channels", type=ranged(int, 1), default=DEFAULTS["unity_channels"],
+                       help="D_u of the unity head (Sec. 5.1.3)")
+    group.add_argument("--semantic-channels", type=ranged(int, 1), default=DEFAULTS["semantic_channels"],
+                       help="D_s of the semantic head (Sec. 5.1.3)")
 
 
 def build_model(args):
-    # A flag that would change nothing is an error, not silently ignored.
-    unity_flags = (("--relabel", args.relabel), ("--inference", args.inference), ("--tau", args.tau),
-                   ("--finest-target", args.finest_target), ("--unity-channels", args.unity_channels))
-    given = [flag for flag, value in unity_flags if value is not None]
-    if args.output_format == "single" and args.context != "ours" and args.pyramid_levels is not None:
-        given.append("--pyramid-levels")                    # the single output without our module: one level
-    if args.output_format == "single" and given:
-        raise InputError(f"specialize_fuse: {', '.join(given)} would change nothing: --output-format single "
-                         f"predicts the finest level alone, with no unity pyramid")
-    if args.output_format == "single" and args.context == "anl-multi":
-        raise InputError("specialize_fuse: --output-format single --context anl-multi has no paper row (Table 6 "
-                         "marks it \"-\"): ANL-multi applies ANL to each level of the pyramidal output")
-    relabel, inference = given_or(args.relabel, "true-positive"), given_or(args.inference, "fuse")
-    if args.tau is not None and inference == "finest" and relabel != "true-positive":
+    # A flag that would change nothing is an error, not silently ignored (one given at its default passes).
+    if args.output_format == "single":
+        unused = [f"--{dest.replace('_', '-')}" for dest in UNITY_FLAGS if getattr(args, dest) != DEFAULTS[dest]]
+        if args.context != "ours" and args.pyramid_levels != DEFAULTS["levels"]:
+            unused.append("--pyramid-levels")                 # the single output without our module: one level
+        if unused:
+            raise InputError(f"specialize_fuse: {', '.join(unused)} would change nothing: --output-format single "
+                             f"predicts the finest level alone, with no unity pyramid")
+        if args.context == "anl-multi":
+            raise InputError("specialize_fuse: --output-format single --context anl-multi has no paper row (Table 6 "
+                             "marks it \"-\"): ANL-multi applies ANL to each level of the pyramidal output")
+    if args.tau != DEFAULTS["tau"] and args.inference == "finest" and args.relabel != "true-positive":
         raise InputError(f"specialize_fuse: --tau would change nothing: --inference finest never fuses and "
-                         f"--relabel {relabel} never reads the unity prediction")
+                         f"--relabel {args.relabel} never reads the unity prediction")
     # the paper uses HRNetV2, or the standard ResNet (output stride 32) decoded to stride 4 (Sec. 5.1.2)
     return SpecializeFuse(build_backbone(args, output_stride=32, hrnet=True), args.num_classes,
-                          output_format=args.output_format, context=args.context, relabel=relabel,
-                          inference=inference, levels=given_or(args.pyramid_levels, 4),
-                          tau=given_or(args.tau, 0.9), finest_target=given_or(args.finest_target, "cells"),
-                          unity_channels=given_or(args.unity_channels, 64), semantic_channels=args.semantic_channels)
-
-
-# ----------------------------------------------------------------------------------------------
-# python specialize_fuse.py --checkpoint PATH: Table 9 and Fig. 3 of a trained model
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="specialize_fuse.py", description="Table 9 and Fig. 3 (Sec. 5.5) of a pyramidal model that train.py "
-        "trained: whole images of the validation split, one scale. The model's flags come from the checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a train.py run")
-    parser.add_argument("--data-root", help="the dataset's folder (default: the one the run was trained with)")
-    parser.add_argument("--val-split", help="the split analysed (default: the run's --val-split)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    return parser.parse_args(argv)
-
-
-def print_level_analysis(argv):
-    """Rebuild the model from the flags saved in the checkpoint (state['args'], what train.py writes),
-    load its weights, and print Table 9 and Fig. 3 of the validation split as Markdown."""
-    cli = parse_args(argv)
-    state = load_checkpoint(cli.checkpoint)
-    if not isinstance(state.get("args"), dict):
-        raise InputError(f"{cli.checkpoint} holds no training flags ('args'): give a checkpoint that train.py wrote")
-    args = argparse.Namespace(**state["args"])
-    if getattr(args, "method", None) != "specialize_fuse" or getattr(args, "output_format", None) != "pyramidal":
-        raise InputError(f"{cli.checkpoint} is not a pyramidal specialize_fuse model (--method "
-                         f"{getattr(args, 'method', None)}, --output-format {getattr(args, 'output_format', None)})")
-    for name in ("data_root", "val_split", "device"):
-        if getattr(cli, name) is not None:
-            setattr(args, name, getattr(cli, name))
-    args.pretrained = None                                 # the checkpoint holds every weight
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA device here (give --device cpu)")
-    try:
-        dataset = build_datasets(args)[1] if args.dataset == "synthetic" else \
-            file_dataset(args.dataset, args.data_root, args.val_split)
-        args.num_classes = dataset.num_classes
-        model = build_model(args).to(device)
-    except AttributeError as e:                            # a flag that the run's train.py did not have yet
-        raise InputError(f"{cli.checkpoint}: its saved flags lack {e.name!r} (written by an older train.py)") from None
-    load_weights(model, cli.checkpoint)
-    with autocast(args.amp, device):
-        confusion, fused = level_analysis(model, dataset, device)
-    print(markdown_tables(*level_tables(confusion.cpu(), fused.cpu(), dataset.class_names)))
-
-
-if __name__ == "__main__":
-    import sys
-    try:
-        print_level_analysis(sys.argv[1:])
-    except InputError as e:
-        sys.exit(f"error: {e}")
+                          output_format=args.output_format, context=args.context, relabel=args.relabel,
+                          inference=args.inference, levels=args.pyramid_levels, tau=args.tau,
+                          finest_target=args.finest_target, unity_channels=args.unity_channels,
+                          semantic_channels=args.semantic_channels)

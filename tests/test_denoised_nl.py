@@ -6,6 +6,7 @@ F's own samples, every up-sampling puts a strided sample on the pixel it was com
 impulse through the whole model), maps and deep-supervision wiring, flags that would change
 nothing, odd sizes."""
 import argparse
+import inspect
 import os
 import sys
 
@@ -521,13 +522,22 @@ def parse(flags):
 
 
 @pytest.mark.parametrize("flags", [["--class-map", "conv", "--no-global-rectifying"],
-                                   ["--class-map", "aux", "--block", "none"],
+                                   ["--class-map", "conv", "--block", "none"],
                                    ["--window-size", "5", "--no-local-retention"],
                                    ["--no-global-rectifying", "--block", "psp"],
                                    ["--map-pixel", "0", "0", "--block", "aspp"]])
 def test_flags_that_change_nothing_are_rejected(flags):
     with pytest.raises(common.InputError, match="would change nothing"):
         denoised_nl.build_model(parse(flags))
+
+
+def test_flags_default_to_the_model_defaults():
+    """--help shows the value that will be used: each flag's default is the constructor's, none None."""
+    defaults = {name: p.default for name, p in inspect.signature(DenoisedNLNet).parameters.items()}
+    args = vars(parse([]))
+    assert None not in args.values()
+    for name, value in args.items():
+        assert value == defaults[name], f"--{name.replace('_', '-')}"
 
 
 def test_build_model_defaults():

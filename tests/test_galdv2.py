@@ -338,13 +338,17 @@ def parse(argv):
 
 
 def test_cli_defaults_are_the_papers_and_build_model():
-    """train.py's parser with --method galdv2: the LDv2 flags are None ("not given") and build_model
-    leaves them at GALDv2's defaults: ASPP + LDv2, eq3, k = 5, r = 6 (Table II b's row behind every
-    Cityscapes figure; the other datasets pass 3), one width C' = C = 512 for Q, K and V (Eq. 4),
+    """train.py's parser with --method galdv2 holds the values that will be used (--help shows them,
+    none is None), and build_model builds them: ASPP + LDv2, eq3, k = 5, r = 6 (Table II b's row behind
+    every Cityscapes figure; the other datasets pass 3), one width C' = C = 512 for Q, K and V (Eq. 4),
     key and query from concat(X_g, X_l), OHEM on."""
     args = train.parse_args(["--method", "galdv2", "--backbone", "resnet18"])
     assert (args.ga, args.ld, args.ohem) == ("aspp", "v2", True)
-    assert all(getattr(args, flag) is None for flag in galdv2.LDV2_FLAGS)
+    assert [getattr(args, flag) for flag in galdv2.LDV2_FLAGS] == \
+        ["eq3", 5, 6, 512, "concat", "concat", (0.5, 0.5)]
+    parser = argparse.ArgumentParser()
+    galdv2.add_args(parser)
+    assert all(a.default is not None for a in parser._actions), "a galdv2 flag whose --help says None"
     model = galdv2.build_model(parse([]))
     assert isinstance(model.ga, galdv1.ASPP) and [b[0].dilation[0] for b in model.ga.branches[1:]] == [12, 24, 36]
     ld = model.ld
@@ -361,14 +365,14 @@ def test_cli_defaults_are_the_papers_and_build_model():
     assert model.decoder.convb[0].in_channels == 1024
 
 
-LDV2_ARGV = [["--ld-combine", "eq3"], ["--ld-kernel", "3"], ["--ld-dilation", "6"], ["--ld-key-channels", "32"],
-             ["--key-input", "global"], ["--query-input", "concat"], ["--affinity-pixel", "0.2", "0.8"]]
+LDV2_ARGV = [["--ld-combine", "local-first"], ["--ld-kernel", "3"], ["--ld-dilation", "3"],
+             ["--ld-key-channels", "32"], ["--key-input", "global"], ["--query-input", "global"], ["--affinity-pixel", "0.2", "0.8"]]
 
 
 @pytest.mark.parametrize("ld", ["v1", "none"])
 @pytest.mark.parametrize("flag", LDV2_ARGV, ids=[a[0] for a in LDV2_ARGV])
 def test_ldv2_flags_without_ldv2_are_refused(flag, ld):
-    """A flag that changes nothing is an error that says why, even at its default value."""
+    """An LDv2 flag set to anything but its default changes nothing without LDv2: an error that says why."""
     with pytest.raises(common.InputError, match=f"^{flag[0]}: LDv2 options, which --ld {ld} does not use$"):
         galdv2.build_model(parse(["--ld", ld] + flag))
     with pytest.raises(common.InputError, match="--ld-kernel, --key-input: LDv2 options"):

@@ -1,6 +1,7 @@
-"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, the decoders
-(DeepLab V3+, HRNet-OCR: OCR Eqs. 1-3, the aux logits' fusion and loss), NVIDIA's parameter counts and
-key names, where a strided logit lands, RMI, the per-scale loss and what evaluation builds."""
+"""Math tests for hier_ms_attn.py: Eq. (1), the n-scale chain, the Table 1 baselines, the flags (their
+defaults, --help, refusals), the decoders (DeepLab V3+, HRNet-OCR: OCR Eqs. 1-3, the aux logits' fusion
+and loss), NVIDIA's parameter counts and key names, where a strided logit lands, RMI, the per-scale loss
+and what evaluation builds."""
 import argparse
 import math
 import os
@@ -287,6 +288,34 @@ def test_add_args_defaults_build_the_paper_model():
     assert cli_model("--ms-mode", "average").train_scales == (1.0,)
 
 
+def test_help_shows_the_default_every_flag_takes():
+    """--help (train.py's formatter adds argparse's defaults) names no None: a flag that only some models
+    read says in its help what it takes when left out, and is then absent from args."""
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hma.add_args(parser)
+    text = " ".join(parser.format_help().split())
+    flags = [a for a in parser._actions if a.dest != "help"]
+    assert "None" not in text and text.count("(default: ") == len(flags) == 10
+    for shown in ("deeplab on a ResNet, ocr on an HRNet", "0.5 1.0 hierarchical", "0.5 1.0 2.0 explicit",
+                  "(default: 0.05,", "(default: 256)", "(default: 512 256,", "(default: paper)", "(default: ce)"):
+        assert shown in text, shown
+    assert set(vars(parser.parse_args([]))) == {"ms_mode", "loss", "head_channels"}
+
+
+def test_flags_saved_as_none_by_earlier_checkpoints_mean_left_out():
+    """Checkpoints written while these flags defaulted to None rebuild the default model."""
+    parser = argparse.ArgumentParser()
+    hma.add_args(parser)
+    args = parser.parse_args(["--ms-mode", "average"])
+    for name in hma.ONLY_SOME:
+        setattr(args, name, None)
+    args.num_classes, args.backbone, args.stem, args.dilation_style = K, "resnet18", "tv", "pspnet"
+    args.output_stride, args.multi_grid, args.pretrained, args.method = 8, None, None, "hier_ms_attn"
+    with torch.device("meta"):
+        model = hma.build_model(args)
+    assert (model.decoder, model.train_scales, model.scale_loss_weight) == ("deeplab", (1.0,), 0.05)
+
+
 @pytest.mark.parametrize("flags", [["--scale-loss-weight", "0.05"], ["--scale-loss-weight", "0"],
                                    ["--train-scales", "1.0"]])
 def test_flags_that_change_nothing_in_average_mode_are_refused(flags):
@@ -404,6 +433,16 @@ def test_images_at_a_scale_are_floored_as_nvidias_resizex():
 
 # ----------------------------------------------------------------------------------------------
 # DeepLab V3+ (Table 1) and HRNet-OCR (Sec. 3.1)
+
+
+def test_deeplab_decoder_trains_on_one_image_per_process():
+    """Sec. 5.1 trains one image per GPU: without SyncBN the ASPP's pooled 1x1 map has one value per
+    channel, and its BN (galdv1.pooled_conv_bn_relu) normalises with the running statistics."""
+    model = make_model(decoder="deeplab").train()
+    outputs = model(image(b=1))
+    model.loss(outputs, labels(b=1))["total"].backward()
+    assert torch.isfinite(outputs["out"]).all() and model.aspp.img_conv[0].weight.grad.abs().sum() > 0
+    assert model.aspp.img_conv[1].num_batches_tracked.item() == 0        # one value: statistics kept
 
 
 def test_deeplab_decoder_is_the_304_channel_stride_4_feature():

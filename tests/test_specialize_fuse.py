@@ -6,7 +6,6 @@ import argparse
 import ast
 import copy
 import os
-import runpy
 import sys
 
 import pytest
@@ -357,7 +356,7 @@ def test_the_finest_level_is_supervised_per_cell_by_default():
     parser = argparse.ArgumentParser()
     sf.add_args(parser)
     assert sf.SpecializeFuse.__init__.__kwdefaults__["finest_target"] == "cells"
-    assert parser.parse_args([]).finest_target in (None, "cells")
+    assert parser.parse_args([]).finest_target == "cells"
     model = tiny_model()
     target = blocky_labels(2, 64, 64, classes=4, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -579,70 +578,27 @@ def test_level_map_is_the_level_that_weighs_most_in_each_pixel():
     assert torch.equal(fast[:, ::4, ::4], level)           # sample j on pixel 4j
 
 
-def test_level_confusion_matches_pixel_count():
-    strides, semantic, prob, target = level_inputs()
-    K, size = semantic[0].shape[1], target.shape[-2:]
-    out, level = evaluated(semantic, prob, strides, size, tau=0.6)
-    confusion = sf.level_confusion({"semantic": semantic, "level": level}, target, K)
-    slow = torch.zeros(4, 4, K, K, dtype=torch.long)
-    pred = [F.interpolate(aligned_up(sf.nearest_up(y, s // 4), 4), size=tuple(size), mode="bilinear",
-                          align_corners=False).argmax(1) for y, s in zip(semantic, strides)]
-    for b, i, j in (target != IGNORE_INDEX).nonzero().tolist():
-        for l_sem in range(4):
-            slow[level[b, i, j], l_sem, target[b, i, j], pred[l_sem][b, i, j]] += 1
-    assert torch.equal(confusion, slow) and len(level.unique()) == 4
-    fused = common.confusion_matrix(out.argmax(1), target, K)
-    table9, share, per_level, fused_iou = sf.level_tables(confusion, fused, ["a", "b", "c"])
-    assert table9[1][2] == common.segmentation_metrics(confusion[2, 1])["mIoU"]
-    assert fused_iou == common.segmentation_metrics(fused, ["a", "b", "c"])["IoU"]
-    assert per_level[0] == common.segmentation_metrics(confusion[:, 0].sum(0), ["a", "b", "c"])["IoU"]
-    assert abs(sum(share) - 100) < 1e-9
+def test_level_outputs_are_each_level_brought_to_the_pixels_as_out_is():
+    """Sec. 5.5's per-level predictions: Eq. (2)'s nearest Up to the finest cells, finest sample j on pixel
+    4j, bilinear between samples, then resized to the image (by aligned_up and F.interpolate here)."""
+    strides, semantic, _, target = level_inputs()
+    size = tuple(target.shape[-2:])
+    fast = list(sf.SpecializeFuse.level_outputs(semantic, size))
+    assert len(fast) == 4
+    for l, (y, s) in enumerate(zip(semantic, strides)):
+        slow = F.interpolate(aligned_up(sf.nearest_up(y, s // 4), 4), size=size, mode="bilinear", align_corners=False)
+        assert torch.allclose(fast[l], slow, atol=1e-6), f"level {l}"
+        assert torch.equal(fast[l].argmax(1), slow.argmax(1)), f"level {l}"
 
 
 @pytest.mark.parametrize("taken", [0, 1, 2, 3])
-def test_table9_scores_each_level_as_the_evaluated_output_is_upsampled(taken):
-    """Where the fusion takes level l everywhere, Table 9's level l is exactly the evaluated 'out'."""
+def test_a_level_that_the_fusion_takes_everywhere_is_out(taken):
+    """Where the fusion takes level l everywhere, level_outputs' level l is exactly the evaluated 'out'."""
     strides, semantic, prob, target = level_inputs()
     prob = [torch.full_like(p, float(l == taken)) for l, p in enumerate(prob)]   # level `taken` is unity
     out, level = evaluated(semantic, prob, strides, target.shape[-2:], tau=0.9)
     assert (level == taken).all()
-    confusion = sf.level_confusion({"semantic": semantic, "level": level}, target, 3)
-    assert torch.equal(confusion[taken, taken], common.confusion_matrix(out.argmax(1), target, 3))
-
-
-def saved_run(tmp_path, **state):
-    """A checkpoint in the layout train.py writes: 'model' and 'args' (every parsed flag)."""
-    import train                                           # only to produce the flags a real run saves
-    args = train.parse_args(["--method", "specialize_fuse", "--dataset", "synthetic", "--backbone", "resnet18",
-                             "--semantic-channels", "16", "--unity-channels", "8", "--synthetic-size", "40",
-                             "--synthetic-length", "1", "--synthetic-val-length", "2", "--device", "cpu"])
-    args.num_classes = len(common.SYNTHETIC_CLASSES)
-    torch.manual_seed(0)
-    model = sf.build_model(args)
-    path = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "args": dict(vars(args)), **state}, path)
-    return model, args, str(path)
-
-
-def test_main_prints_table9_and_fig3_of_a_checkpoint(tmp_path, monkeypatch, capsys):
-    model, args, path = saved_run(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["specialize_fuse.py", "--checkpoint", path])   # the flags come from it
-    runpy.run_path(sf.__file__, run_name="__main__")
-    printed = capsys.readouterr().out
-    val = common.build_datasets(args)[1]
-    confusion, fused = sf.level_analysis(model, val, "cpu")
-    assert sf.markdown_tables(*sf.level_tables(confusion, fused, val.class_names)) in printed
-    assert "| pole |" in printed
-    labelled = sum((val[i][1] != IGNORE_INDEX).sum() for i in range(len(val)))
-    assert fused.sum() == sum(confusion[l, l].sum() for l in range(4)) == labelled       # every labelled pixel
-
-
-def test_main_needs_the_flags_saved_in_the_checkpoint(tmp_path, monkeypatch):
-    _, _, path = saved_run(tmp_path)
-    torch.save({"model": torch.load(path, weights_only=True)["model"]}, path)          # no 'args'
-    monkeypatch.setattr(sys, "argv", ["specialize_fuse.py", "--checkpoint", path])
-    with pytest.raises(SystemExit, match="holds no training flags"):
-        runpy.run_path(sf.__file__, run_name="__main__")
+    assert torch.equal(list(sf.SpecializeFuse.level_outputs(semantic, target.shape[-2:]))[taken], out)
 
 
 def test_the_file_does_not_import_train():
@@ -653,6 +609,13 @@ def test_the_file_does_not_import_train():
     assert "train" not in imported
 
 
+def parsed(*argv):
+    """The flags of add_args alone, parsed."""
+    parser = argparse.ArgumentParser()
+    sf.add_args(parser)
+    return parser.parse_args(argv)
+
+
 @pytest.mark.parametrize("flags", [{"output_format": "single", "relabel": "simple"},
                                    {"output_format": "single", "tau": 0.5},
                                    {"output_format": "single", "unity_channels": 32},
@@ -661,10 +624,28 @@ def test_the_file_does_not_import_train():
                                    {"output_format": "single", "context": "none", "pyramid_levels": 2},
                                    {"inference": "finest", "relabel": "simple", "tau": 0.5}])
 def test_flags_that_change_nothing_are_errors(flags):
-    args = dict(output_format="pyramidal", context="ours", relabel=None, inference=None, pyramid_levels=None,
-                tau=None, finest_target=None, unity_channels=None, semantic_channels=16)
+    args = vars(parsed())
     with pytest.raises(common.InputError, match="would change nothing"):
         sf.build_model(argparse.Namespace(**{**args, **flags}))
+
+
+def test_every_flag_defaults_to_the_constructors_keyword():
+    """--help shows what will be used: the paper's setting, the constructor's keyword defaults."""
+    defaults = vars(parsed())
+    keyword = sf.SpecializeFuse.__init__.__kwdefaults__
+    assert None not in defaults.values()
+    assert {dest: keyword["levels" if dest == "pyramid_levels" else dest] for dest in defaults} == defaults
+    assert defaults["tau"] == 0.9 and defaults["relabel"] == "true-positive" and defaults["inference"] == "fuse"
+
+
+def test_a_unity_flag_given_at_its_default_passes_with_the_single_output():
+    import train                                           # only to produce every flag build_model reads
+    args = train.parse_args(["--method", "specialize_fuse", "--backbone", "resnet18", "--output-format", "single",
+                             "--context", "none", "--tau", "0.9", "--relabel", "true-positive", "--pyramid-levels",
+                             "4", "--unity-channels", "64", "--semantic-channels", "16"])
+    args.num_classes = 4
+    model = sf.build_model(args)
+    assert model.unity_head is None and model.strides == sf.STRIDES[4]
 
 
 def test_single_output_with_anl_multi_is_refused():
