@@ -1,13 +1,18 @@
-"""The core of segpapers: what every method file stands on, and nothing else.
+"""The core of segpapers, in two halves.
 
-Reads top to bottom: conventions -> layers -> dilated ResNet, HRNetV2 and weight loading -> losses
-(CE, OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and inference (whole,
-sliding window, multi-scale) -> the FCN baseline -> transforms, datasets and the training sampler.
-The extras (costs, prediction, boundary F-score, class-uniform sampling) live in tools/.
+The model half, what every method file stands on (a reader of a method needs this half only):
+conventions -> small layers -> dilated ResNet -> HRNetV2 -> weights (--pretrained, checkpoints) ->
+losses (CE, OHEM) -> metrics (confusion matrix, mIoU) -> poly LR -> the model interface and inference
+(whole, sliding window, multi-scale) -> the FCN baseline.
+
+The data half, below the divider "THE DATA HALF" (train.py and tools/ use it, no model does):
+transforms -> datasets (synthetic, and the usual layouts on disk) -> the training sampler. The extras
+(costs, prediction, boundary F-score, class-uniform sampling) live in tools/.
 
 Conventions (one home each): IGNORE_INDEX, the ImageNet mean/std, the two interpolations (`resize`:
 bilinear, align_corners=False, for images and pooled bins; `upsample_strided`: a strided network map
-back to pixels, each sample where it was computed), `poly_lr`.
+back to pixels, each sample where it was computed), `poly_lr`, `log_mean_softmax` (how test views
+are averaged).
 
 The method interface (README "The interface"): a method file has `add_args(parser)` and
 `build_model(args)`; the model is a `SegModel` with
@@ -269,29 +274,6 @@ class ResNet(nn.Module):
         return [c1, c2, c3, c4]
 
 
-# Deep-stem checkpoints in the PyTorch-Encoding / GALD layout name the stem conv1.0/.1/.3/.4/.6 and
-# its last BN bn1; the CSAIL layout (ours) names them conv1, bn1, conv2, bn2, conv3, bn3.
-SEQUENTIAL_STEM_NAMES = {"conv1.0.": "conv1.", "conv1.1.": "bn1.", "conv1.3.": "conv2.",
-                         "conv1.4.": "bn2.", "conv1.6.": "conv3.", "bn1.": "bn3."}
-
-
-def backbone_state_from_checkpoint(state, stem):
-    """Strip `module.` / `backbone.` prefixes, drop `fc.*`, map sequential deep-stem names."""
-    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
-        state = state.get("state_dict", state.get("model"))
-    for prefix in ("module.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    if stem == "deep" and any(k.startswith("conv1.0.") for k in state):
-        renamed = {}
-        for k, v in state.items():
-            old = next((p for p in SEQUENTIAL_STEM_NAMES if k.startswith(p)), None)
-            renamed[SEQUENTIAL_STEM_NAMES[old] + k[len(old):] if old else k] = v
-        state = renamed
-    return state
-
-
 # ----------------------------------------------------------------------------------------------
 # HRNetV2: Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition"
 # (TPAMI 2020; [23] of Specialize and Fuse, the trunk of HRNet-OCR in Hierarchical Multi-Scale
@@ -428,6 +410,33 @@ def hrnet_features(features):
     # network/hrnetv2.py forward does (cfg.MODEL.ALIGN_CORNERS False), so that its released weights give
     # its outputs; not upsample_strided's alignment.
     return torch.cat([features[0], *(resize(f, size) for f in features[1:])], dim=1)   # (B, sum C, h1, w1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: --pretrained into a trunk, the trunk of --backbone, checkpoints into a model
+
+
+# Deep-stem checkpoints in the PyTorch-Encoding / GALD layout name the stem conv1.0/.1/.3/.4/.6 and
+# its last BN bn1; the CSAIL layout (ours) names them conv1, bn1, conv2, bn2, conv3, bn3.
+SEQUENTIAL_STEM_NAMES = {"conv1.0.": "conv1.", "conv1.1.": "bn1.", "conv1.3.": "conv2.",
+                         "conv1.4.": "bn2.", "conv1.6.": "conv3.", "bn1.": "bn3."}
+
+
+def backbone_state_from_checkpoint(state, stem):
+    """Strip `module.` / `backbone.` prefixes, drop `fc.*`, map sequential deep-stem names."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))
+    for prefix in ("module.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if stem == "deep" and any(k.startswith("conv1.0.") for k in state):
+        renamed = {}
+        for k, v in state.items():
+            old = next((p for p in SEQUENTIAL_STEM_NAMES if k.startswith(p)), None)
+            renamed[SEQUENTIAL_STEM_NAMES[old] + k[len(old):] if old else k] = v
+        state = renamed
+    return state
 
 
 def load_pretrained(backbone, path):
@@ -633,6 +642,14 @@ def autocast(amp, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def log_mean_softmax(views):
+    """The log of the mean softmax probability of an iterable of (B, K, H, W) logits, taken one view
+    at a time: the one rule by which several test views (scales, flips) are averaged."""
+    total, n = 0, 0
+    for logits in views:
+        total, n = total + logits.softmax(1), n + 1
+    return (total / n).clamp(min=1e-12).log()
+
 
 class SegModel(nn.Module):
     """Base of every model: subclasses set self.backbone, define forward() and loss()."""
@@ -658,14 +675,12 @@ class SegModel(nn.Module):
         views = [(s, f) for s in scales for f in ([False, True] if flip else [False])]
         if len(views) == 1 and views[0] == (1.0, False):
             return self(image)["out"]
-        prob = 0
-        for scale, flipped in views:
+
+        def view_logits(scale, flipped):                       # (B, K, H, W) at the image's size
             x = resize(image, scaled_size(image.shape[-2:], scale))
-            x = x.flip(-1) if flipped else x
-            logits = self(x)["out"]
-            logits = logits.flip(-1) if flipped else logits
-            prob = prob + resize(logits.float(), image.shape[-2:]).softmax(1)
-        return (prob / len(views)).clamp(min=1e-12).log()
+            logits = self(x.flip(-1) if flipped else x)["out"]
+            return resize((logits.flip(-1) if flipped else logits).float(), image.shape[-2:])
+        return log_mean_softmax(view_logits(scale, flipped) for scale, flipped in views)
 
 
 def check_window(crop, stride):
@@ -701,15 +716,11 @@ def multiscale_slide_inference(model, image, crop, stride, scales=(1.0,), flip=F
     scale the whole image is resized, crop x crop windows slide over it (each window through
     model.predict at its own size, with its flipped view if flip), the logits are resized back to
     the image's size, and several scales average their softmax probabilities (the log returned)."""
-    size, prob = image.shape[-2:], 0
+    size = image.shape[-2:]
     predict_fn = lambda x: model.predict(x, scales=(1.0,), flip=flip)
-    for scale in scales:
-        logits = slide_inference(predict_fn, resize(image, scaled_size(size, scale)), crop, stride)
-        logits = resize(logits, size)                          # (B, K, H, W)
-        if len(scales) == 1:
-            return logits
-        prob = prob + logits.softmax(1)
-    return (prob / len(scales)).clamp(min=1e-12).log()
+    views = (resize(slide_inference(predict_fn, resize(image, scaled_size(size, scale)), crop, stride), size)
+             for scale in scales)                              # (B, K, H, W) each
+    return next(views) if len(scales) == 1 else log_mean_softmax(views)
 
 
 @torch.no_grad()
@@ -773,6 +784,12 @@ def add_fcn_args(parser):
 def build_fcn(args):
     return FCN(build_backbone(args), args.num_classes, head_channels=args.head_channels,
                aux_weight=args.aux_weight, ohem=args.ohem)
+
+
+# ==============================================================================================
+# THE DATA HALF: transforms, datasets, the training sampler. No model reads what follows (a reader
+# of a method can stop here); train.py and tools/ do.
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
@@ -992,7 +1009,6 @@ class SyntheticDataset(SegDataset):
         return synthetic_sample(index, self.seed, self.size)[1]
 
 
-
 # Datasets read in the layouts users already have (mmsegmentation's, and the SegNet tutorial's for
 # CamVid). Each layout function returns (image/label pairs, label lookup table) for one split.
 
@@ -1053,15 +1069,17 @@ def cityscapes(root, split):
     layout = (f"ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, ROOT/{kind}/SPLIT/CITY/*_{kind}_labelTrainIds.png "
               f"(or _labelIds.png; gtCoarse for train_extra)")
     images, labels = os.path.join(root, "leftImg8bit", split), os.path.join(root, kind, split)
+    pairs = lambda suffix: matched_pairs(images, labels, "_leftImg8bit.png", suffix, "cityscapes", layout)
     try:
-        return matched_pairs(images, labels, "_leftImg8bit.png", f"_{kind}_labelTrainIds.png", "cityscapes", layout), None
+        return pairs(f"_{kind}_labelTrainIds.png"), None
     except InputError:                                         # no trainIds files: map labelIds on the fly
-        lut = lut_from_pairs({i: CITYSCAPES_ID_TO_TRAIN_ID.get(i, IGNORE_INDEX) for i in range(34)})
-        return matched_pairs(images, labels, "_leftImg8bit.png", f"_{kind}_labelIds.png", "cityscapes", layout), lut
+        return pairs(f"_{kind}_labelIds.png"), lut_from_pairs({i: CITYSCAPES_ID_TO_TRAIN_ID.get(i, IGNORE_INDEX)
+                                                               for i in range(34)})
 
 
 def ade20k(root, split):
-    layout = "ROOT (= ADEChallengeData2016)/images/{training,validation}/*.jpg, ROOT/annotations/{training,validation}/*.png"
+    layout = ("ROOT (= ADEChallengeData2016)/images/{training,validation}/*.jpg, "
+              "ROOT/annotations/{training,validation}/*.png")
     folder = {"train": "training", "val": "validation"}.get(split, split)
     return matched_pairs(os.path.join(root, "images", folder), os.path.join(root, "annotations", folder),
                          ".jpg", ".png", "ade20k", layout), reduce_zero_label_lut()
@@ -1105,7 +1123,8 @@ def coco_stuff164k(root, split):
 
 def camvid(root, split):
     layout = "ROOT/{train,val,test}/*.png and ROOT/{train,val,test}annot/*.png (SegNet tutorial)"
-    pairs = matched_pairs(os.path.join(root, split), os.path.join(root, split + "annot"), ".png", ".png", "camvid", layout)
+    pairs = matched_pairs(os.path.join(root, split), os.path.join(root, split + "annot"), ".png", ".png", "camvid",
+                          layout)
     return pairs, lut_from_pairs({11: IGNORE_INDEX})           # void 11 -> ignore
 
 
@@ -1116,7 +1135,6 @@ def mapillary(root, split):
                           ".jpg", ".png", "mapillary", layout)
     # NOTE(paper-gap): 65 classes, 'Unlabeled' (65) ignored, as the HMSA code (mmseg counts 66).
     return pairs, lut_from_pairs({65: IGNORE_INDEX})
-
 
 
 # NOTE(paper-gap): GALD v1 Sec. 6.1.2 trains on Mapillary with "only 19 classes of 65 labels which are
@@ -1144,77 +1162,6 @@ def mapillary_cityscapes19(root, split):
     return pairs, lut_from_pairs({v: to_train_id.get(v, IGNORE_INDEX) for v in range(len(MAPILLARY_V12_CLASSES))})
 
 
-def dataset_classes(name):
-    """The class names of --dataset NAME, without touching any file."""
-    return SYNTHETIC_CLASSES if name == "synthetic" else DATASETS[name][0]
-
-
-def file_dataset(name, root, split, transform=None):
-    """One split of a dataset on disk, in its usual layout (README: Datasets); 'a+b' joins splits."""
-    if root is None or not os.path.isdir(root):
-        raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
-                         f"described in README.md (Datasets)")
-    classes, layout, splits = DATASETS[name]
-    unknown = [part for part in split.split("+") if part not in splits]
-    if unknown:
-        raise InputError(f"{name} has no split {unknown[0]!r}: its splits are {', '.join(splits)} "
-                         f"(join two with '+', e.g. train+val)")
-    pairs, lut = [], None
-    for part in split.split("+"):                              # 'train+val': both splits as one
-        part_pairs, lut = layout(root, part)
-        pairs += part_pairs
-    if not pairs:
-        raise InputError(f"{name}: the {split} split under {root} is empty")
-    return SegDataset(pairs, classes, transform, lut, name)
-
-
-def build_datasets(args):
-    """(train dataset with TrainTransform, evaluation dataset) for --dataset / --data-root."""
-    transform = TrainTransform(args.crop_size, tuple(args.scale_range), args.jitter, args.blur)
-    if args.dataset == "synthetic":
-        size = (args.synthetic_size, args.synthetic_size)
-        return (SyntheticDataset(args.synthetic_length, size, args.seed, transform),
-                SyntheticDataset(args.synthetic_val_length, size, args.seed + 10 ** 6))
-    return (file_dataset(args.dataset, args.data_root, args.train_split, transform),
-            file_dataset(args.dataset, args.data_root, args.val_split))
-
-
-class TrainSampler(torch.utils.data.Sampler):
-    """Endless, resumable training order. Epoch e is a shuffled list of (index, crop centre or None)
-    drawn from a generator seeded by (seed, e); iteration `it` takes global batch `it % per_epoch` of
-    epoch `it // per_epoch`, and this rank its slice, so a resumed run continues the same order.
-    Yields (index, augmentation seed, centre). tools/sampling.py adds items through `more_items`."""
-
-    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0):
-        self.global_batch = batch_size * world_size
-        if num_items < self.global_batch:
-            raise InputError(f"the training split has {num_items} images, fewer than one global batch "
-                             f"({batch_size} per process x {world_size} processes)")
-        self.n, self.batch, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start_iter
-
-    def more_items(self, items, generator):
-        """The epoch's items before the final shuffle: here all images once (centre None)."""
-        return items
-
-    def epoch_items(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        items = self.more_items([(i, None) for i in torch.randperm(self.n, generator=g).tolist()], g)
-        return [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
-
-    def __iter__(self):
-        per_epoch = len(self.epoch_items(0)) // self.global_batch
-        it, epoch, items = self.start, None, None
-        while True:
-            if it // per_epoch != epoch:
-                epoch = it // per_epoch
-                items = self.epoch_items(epoch)
-            first = (it % per_epoch) * self.global_batch + self.rank * self.batch
-            for slot, (index, center) in enumerate(items[first:first + self.batch]):
-                yield index, (self.seed * 1000003 + it) * 1024 + self.rank * self.batch + slot, center
-            it += 1
-
-
-# ----------------------------------------------------------------------------------------------
 # Class names, in label order (mmsegmentation 1.x METAINFO; CamVid: SegNet tutorial)
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -1309,3 +1256,77 @@ DATASETS = {
     "mapillary": (MAPILLARY_V12_CLASSES[:65], mapillary, ("train", "val")),
     "mapillary_cityscapes19": (CITYSCAPES_CLASSES, mapillary_cityscapes19, ("train", "val")),
 }
+
+
+def dataset_classes(name):
+    """The class names of --dataset NAME, without touching any file."""
+    return SYNTHETIC_CLASSES if name == "synthetic" else DATASETS[name][0]
+
+
+def file_dataset(name, root, split, transform=None):
+    """One split of a dataset on disk, in its usual layout (README: Datasets); 'a+b' joins splits."""
+    if root is None or not os.path.isdir(root):
+        raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
+                         f"described in README.md (Datasets)")
+    classes, layout, splits = DATASETS[name]
+    unknown = [part for part in split.split("+") if part not in splits]
+    if unknown:
+        raise InputError(f"{name} has no split {unknown[0]!r}: its splits are {', '.join(splits)} "
+                         f"(join two with '+', e.g. train+val)")
+    pairs, lut = [], None
+    for part in split.split("+"):                              # 'train+val': both splits as one
+        part_pairs, lut = layout(root, part)
+        pairs += part_pairs
+    if not pairs:
+        raise InputError(f"{name}: the {split} split under {root} is empty")
+    return SegDataset(pairs, classes, transform, lut, name)
+
+
+def build_datasets(args):
+    """(train dataset with TrainTransform, evaluation dataset) for --dataset / --data-root."""
+    transform = TrainTransform(args.crop_size, tuple(args.scale_range), args.jitter, args.blur)
+    if args.dataset == "synthetic":
+        size = (args.synthetic_size, args.synthetic_size)
+        return (SyntheticDataset(args.synthetic_length, size, args.seed, transform),
+                SyntheticDataset(args.synthetic_val_length, size, args.seed + 10 ** 6))
+    return (file_dataset(args.dataset, args.data_root, args.train_split, transform),
+            file_dataset(args.dataset, args.data_root, args.val_split))
+
+
+# ----------------------------------------------------------------------------------------------
+# The training sampler
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Endless, resumable training order. Epoch e is a shuffled list of (index, crop centre or None)
+    drawn from a generator seeded by (seed, e); iteration `it` takes global batch `it % per_epoch` of
+    epoch `it // per_epoch`, and this rank its slice, so a resumed run continues the same order.
+    Yields (index, augmentation seed, centre). tools/sampling.py adds items through `more_items`."""
+
+    def __init__(self, num_items, batch_size, rank, world_size, seed, start_iter=0):
+        self.global_batch = batch_size * world_size
+        if num_items < self.global_batch:
+            raise InputError(f"the training split has {num_items} images, fewer than one global batch "
+                             f"({batch_size} per process x {world_size} processes)")
+        self.n, self.batch, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start_iter
+
+    def more_items(self, items, generator):
+        """The epoch's items before the final shuffle: here all images once (centre None)."""
+        return items
+
+    def epoch_items(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        items = self.more_items([(i, None) for i in torch.randperm(self.n, generator=g).tolist()], g)
+        return [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+
+    def __iter__(self):
+        per_epoch = len(self.epoch_items(0)) // self.global_batch
+        it, epoch, items = self.start, None, None
+        while True:
+            if it // per_epoch != epoch:
+                epoch = it // per_epoch
+                items = self.epoch_items(epoch)
+            first = (it % per_epoch) * self.global_batch + self.rank * self.batch
+            for slot, (index, center) in enumerate(items[first:first + self.batch]):
+                yield index, (self.seed * 1000003 + it) * 1024 + self.rank * self.batch + slot, center
+            it += 1

@@ -1,76 +1,101 @@
-"""Shape and gradient checks of every model, built through train.py's own command line.
+"""Shape and gradient checks of every model, built from its classes with keyword arguments.
 
-For each method and each switch combination (together covering every value of every switch):
-the training forward gives (B, K, H, W) logits, the loss is finite and EVERY parameter receives a
-gradient (DDP fails on unused parameters); eval-mode inference gives finite logits of the image's size.
-Small ResNet-18 trunks, odd tiny inputs.
+For each method and each switch combination (together covering every value of every switch): the
+training forward gives (B, K, H, W) logits, the loss is finite and EVERY parameter receives a gradient
+(DDP fails on unused parameters); eval-mode inference gives finite logits of the image's size. Small
+trunks (ResNet-18, HRNetV2-W18-small), narrow heads, odd tiny inputs. A last test checks that the
+command line's door (`build_model(args)`) builds, for each method's defaults, the model its class does.
 """
 import pytest
 import torch
 
 import train
+from common import FCN, HRNET_LAYOUTS, HRNet, ResNet
+from denoised_nl import DenoisedNLNet
+from galdv1 import GALD
+from galdv2 import GALDv2
+from hier_ms_attn import HierarchicalMultiScaleAttention
+from specialize_fuse import SpecializeFuse
 
-NUM_CLASSES = 5
-CONFIGS = {
-    "fcn": [[], ["--ohem", "--head-channels", "64"]],
-    "galdv1": [[], ["--ga", "nl"], ["--ga", "psp", "--arrangement", "ldga"],
-               ["--ga", "aspp", "--arrangement", "parallel"], ["--ga", "none"], ["--no-ld"],
-               ["--no-ld", "--arrangement", "parallel", "--ga", "psp"],
-               ["--ld-downsample", "bilinear", "--follow-code"], ["--ld-downsample", "avgpool", "--no-ohem"],
-               ["--ga", "none", "--no-ld"]],
-    "galdv2": [[], ["--ga", "psp"], ["--ga", "nl", "--ld", "v1"], ["--ga", "cgnl", "--ld", "none"], ["--ga", "none"],
-               ["--ga", "none", "--ld", "v1", "--no-ohem"], ["--ld-kernel", "3", "--ld-dilation", "6"],
-               ["--ld-kernel", "1"], ["--key-input", "global"], ["--query-input", "global"],
-               ["--ga", "cgnl", "--key-input", "global", "--query-input", "global"],
-               ["--ld-combine", "local-first", "--ld-key-channels", "16"]],
-    "denoised_nl": [[], ["--no-global-rectifying"], ["--no-local-retention"],
-                    ["--no-global-rectifying", "--no-local-retention"], ["--block", "none"],
-                    ["--block", "psp"], ["--block", "aspp"],
-                    ["--window-size", "5"], ["--follow-code"], ["--follow-code", "--no-global-rectifying"],
-                    ["--follow-code", "--block", "none"], ["--follow-code", "--block", "aspp"]],
-    "specialize_fuse": [[], ["--output-format", "single", "--context", "none"],
-                        ["--output-format", "single", "--context", "anl"],
-                        ["--output-format", "single", "--context", "ours"],
-                        ["--output-format", "single", "--context", "ours", "--pyramid-levels", "2"],
-                        ["--context", "anl", "--relabel", "simple"],
-                        ["--context", "anl-multi", "--relabel", "naive", "--inference", "finest"],
-                        ["--context", "none", "--pyramid-levels", "2", "--finest-target", "pixels"],
-                        ["--pyramid-levels", "2", "--relabel", "simple", "--inference", "finest"],
-                        ["--backbone", "hrnet18-small", "--semantic-channels", "16", "--unity-channels", "8"]],
-    "hier_ms_attn": [[], ["--ms-mode", "explicit"], ["--ms-mode", "average"], ["--loss", "ce"],
-                     ["--ms-mode", "explicit", "--train-scales", "0.5", "1.0", "--loss", "ce"],
-                     ["--train-scales", "0.25", "0.5", "1.0", "--scale-loss-weight", "0"],
-                     ["--decoder", "none"], ["--aspp-channels", "32", "--ms-mode", "explicit"],
-                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--head-channels", "16"],
-                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--cls-head", "code",
-                      "--aux-loss", "bce", "--ms-mode", "average"],
-                     ["--backbone", "hrnet18-small", "--ocr-channels", "32", "16", "--ms-mode", "explicit",
-                      "--loss", "ce"],
-                     ["--backbone", "hrnet18-small", "--decoder", "none"]],
+K = 5                                                                    # classes
+HRNET = "hrnet18-small"                                                  # a config's "backbone" key
+
+# method -> (model class, trunk output stride, the narrow widths every config of it starts from)
+MODELS = {
+    "fcn": (FCN, 8, dict(head_channels=32)),
+    "galdv1": (GALD, 8, dict(channels=32)),
+    "galdv2": (GALDv2, 8, dict(channels=32)),
+    "denoised_nl": (DenoisedNLNet, 8, dict(channels=32, key_channels=8)),
+    "specialize_fuse": (SpecializeFuse, 32, dict(decoder_channels=(8, 8, 16, 16), unity_channels=8,
+                                                 semantic_channels=32)),
+    "hier_ms_attn": (HierarchicalMultiScaleAttention, 8, dict(head_channels=16, aspp_channels=16)),
 }
-CASES = [(m, flags) for m, configs in CONFIGS.items() for flags in configs]
+CONFIGS = {
+    "fcn": [{}, dict(ohem=True, head_channels=64)],
+    "galdv1": [{}, dict(ga="nl"), dict(ga="psp", arrangement="ldga"), dict(ga="aspp", arrangement="parallel"),
+               dict(ga="none"), dict(ld=False), dict(ld=False, arrangement="parallel", ga="psp"),
+               dict(ld_downsample="bilinear", follow_code=True), dict(ld_downsample="avgpool", ohem=False),
+               dict(ga="none", ld=False)],
+    "galdv2": [{}, dict(ga="psp"), dict(ga="nl", ld="v1"), dict(ga="cgnl", ld="none"), dict(ga="none"),
+               dict(ga="none", ld="v1", ohem=False), dict(kernel_size=3, dilation=6), dict(kernel_size=1),
+               dict(key_input="global"), dict(query_input="global"),
+               dict(ga="cgnl", key_input="global", query_input="global"),
+               dict(combine="local-first", key_channels=16)],
+    "denoised_nl": [{}, dict(global_rectifying=False), dict(local_retention=False),
+                    dict(global_rectifying=False, local_retention=False), dict(block="none"), dict(block="psp"),
+                    dict(block="aspp"), dict(window_size=5), dict(class_map="conv"), dict(follow_code=True),
+                    dict(follow_code=True, global_rectifying=False), dict(follow_code=True, block="none"),
+                    dict(follow_code=True, block="aspp")],
+    "specialize_fuse": [{}, dict(output_format="single", context="none"),
+                        dict(output_format="single", context="anl"), dict(output_format="single", context="ours"),
+                        dict(output_format="single", context="ours", levels=2),
+                        dict(context="anl", relabel="simple"),
+                        dict(context="anl-multi", relabel="naive", inference="finest"),
+                        dict(context="none", levels=2, finest_target="pixels"),
+                        dict(levels=2, relabel="simple", inference="finest"),
+                        dict(backbone=HRNET, semantic_channels=16, unity_channels=8)],
+    "hier_ms_attn": [{}, dict(ms_mode="explicit"), dict(ms_mode="average"), dict(loss="ce"),
+                     dict(ms_mode="explicit", train_scales=(0.5, 1.0), loss="ce"),
+                     dict(train_scales=(0.25, 0.5, 1.0), scale_loss_weight=0), dict(decoder="none"),
+                     dict(aspp_channels=32, ms_mode="explicit"),
+                     dict(backbone=HRNET, decoder="ocr", ocr_channels=(32, 16)),
+                     dict(backbone=HRNET, decoder="ocr", ocr_channels=(32, 16), cls_head="code", aux_loss="bce",
+                          ms_mode="average"),
+                     dict(backbone=HRNET, decoder="ocr", ocr_channels=(32, 16), ms_mode="explicit", loss="ce"),
+                     dict(backbone=HRNET, decoder="none")],
+}
+CASES = [(m, config) for m, configs in CONFIGS.items() for config in configs]
 
 
-def build(method, flags):
-    args = train.parse_args(["--method", method, "--backbone", "resnet18"] + flags)
-    args.num_classes = NUM_CLASSES
+def build(method, config):
+    """The method's class on a ResNet-18 (or the config's HRNet), narrow widths, then the config."""
+    model_class, output_stride, widths = MODELS[method]
+    config = dict(config)
     torch.manual_seed(0)
-    return train.METHODS[method][1](args)
+    if config.pop("backbone", None) == HRNET:
+        backbone = HRNet(**HRNET_LAYOUTS[HRNET])
+    else:
+        backbone = ResNet(18, output_stride=output_stride)
+    return model_class(backbone, K, **{**widths, **config})
+
+
+def case_id(method, config):
+    return f"{method}:{' '.join(f'{k}={v}' for k, v in config.items()) or 'default'}"
 
 
 def test_every_method_is_covered():
-    assert set(CONFIGS) == set(train.METHODS)
+    assert set(CONFIGS) == set(MODELS) == set(train.METHODS)
 
 
-@pytest.mark.parametrize("method,flags", CASES, ids=[f"{m}:{' '.join(f) or 'default'}" for m, f in CASES])
-def test_shapes_and_gradients(method, flags):
-    model = build(method, flags).train()
+@pytest.mark.parametrize("method,config", CASES, ids=[case_id(m, c) for m, c in CASES])
+def test_shapes_and_gradients(method, config):
+    model = build(method, config).train()
     image = torch.randn(2, 3, 49, 39)                                        # odd sizes
-    target = torch.randint(0, NUM_CLASSES, (2, 49, 39))
+    target = torch.randint(0, K, (2, 49, 39))
     target[:, :5] = 255                                                      # some ignore
     outputs = model(image)
     if "out" in outputs:                                                     # S&F's pyramids build it in eval only
-        assert outputs["out"].shape == (2, NUM_CLASSES, 49, 39)
+        assert outputs["out"].shape == (2, K, 49, 39)
     losses = model.loss(outputs, target)
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
@@ -80,5 +105,25 @@ def test_shapes_and_gradients(method, flags):
     with torch.no_grad():
         logits = model.predict(torch.randn(1, 3, 57, 71))
         evaluated = model(torch.randn(1, 3, 57, 71))
-    assert logits.shape == (1, NUM_CLASSES, 57, 71) and torch.isfinite(logits).all()
-    assert evaluated["out"].shape == (1, NUM_CLASSES, 57, 71)
+    assert logits.shape == (1, K, 57, 71) and torch.isfinite(logits).all()
+    assert evaluated["out"].shape == (1, K, 57, 71)
+
+
+@pytest.mark.parametrize("method", list(MODELS))
+def test_the_command_line_builds_what_the_class_builds(method):
+    """build_model(args) of the method's default flags against its class with default keywords (same
+    trunk): the same parameters, shape for shape, and the same loss on the same outputs."""
+    model_class, output_stride, _ = MODELS[method]
+    args = train.parse_args(["--method", method, "--backbone", "resnet18"])
+    args.num_classes = K
+    from_cli = train.METHODS[method][1](args)
+    from_class = model_class(ResNet(18, output_stride=output_stride), K)
+    shapes = lambda model: {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes(from_cli) == shapes(from_class)
+    from_class.load_state_dict(from_cli.state_dict())
+    image, target = torch.randn(2, 3, 49, 39), torch.randint(0, K, (2, 49, 39))
+    torch.manual_seed(0)
+    cli_loss = from_cli.train().loss(from_cli(image), target)["total"]
+    torch.manual_seed(0)
+    class_loss = from_class.train().loss(from_class(image), target)["total"]
+    torch.testing.assert_close(cli_loss, class_loss)

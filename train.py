@@ -11,15 +11,16 @@ Under torchrun (RANK is set) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + p
 (SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
 summary.json (last evaluation), last.pt (everything --resume needs) and best.pt (the weights and the
 flags), both written atomically. A checkpoint carries its model's flags: --eval-only and --predict
-with --checkpoint need no model flags. The extras (--benchmark, --compare-methods' table, --predict,
---save-maps, --boundary-f, --class-uniform, --extra-data) live in tools/; this file only calls them.
+with --checkpoint need no model flags. The extras (--benchmark, --against-paper, --compare-methods,
+--predict, --save-maps, --boundary-f, --levels, --class-uniform, --extra-data) and the crash-safety
+helpers live in tools/; this file only calls them.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ import galdv1
 import galdv2
 import hier_ms_attn
 import specialize_fuse
-from tools import boundary_f, costs, paper_costs, predict, sampling
+from tools import boundary_f, costs, crash_safety, levels, predict, sampling
 
 # Every method: (add its argument group, build its model). train.py never branches on the name.
 METHODS = {
@@ -42,7 +43,7 @@ METHODS = {
     "specialize_fuse": (specialize_fuse.add_args, specialize_fuse.build_model),
     "hier_ms_attn": (hier_ms_attn.add_args, hier_ms_attn.build_model),
 }
-EXTRAS = (sampling, boundary_f, predict, costs)               # each adds its own argument group
+EXTRAS = (sampling, boundary_f, levels, predict, costs)       # each adds its own argument group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,27 +51,30 @@ EXTRAS = (sampling, boundary_f, predict, costs)               # each adds its ow
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and shows every flag's default."""
+    """--help keeps the docstring's layout and shows each flag's default; a flag whose default is
+    None (its help says what happens without it) shows none."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_data_args(parser):
-    at_least = lambda n: common.ranged(int, n)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=["synthetic", *common.DATASETS],
                    help="what to train on (README: Datasets)")
     g.add_argument("--data-root", help="dataset folder in the layout README.md describes")
     g.add_argument("--train-split", default="train", help="split trained on; 'train+val' joins two")
     g.add_argument("--val-split", default="val", help="split evaluated (val or test)")
-    g.add_argument("--crop-size", type=at_least(1), nargs="+", default=[512], help="train crop: S or H W")
+    g.add_argument("--crop-size", type=common.ranged(int, 1), nargs="+", default=[512], help="train crop: S or H W")
     g.add_argument("--scale-range", type=common.ranged(float, 0, low_open=True), nargs=2, default=[0.5, 2.0],
                    help="random scale range")
     g.add_argument("--jitter", type=common.ranged(float, 0, 1), default=0.25,
                    help="photometric jitter strength (0 = off)")
     g.add_argument("--blur", action="store_true", help="Gaussian blur of every crop (HMSA's Mapillary recipe)")
-    g.add_argument("--workers", type=at_least(0), default=2, help="data loader processes per GPU/process")
-    g.add_argument("--synthetic-size", type=at_least(16), default=128, help="synthetic image side")
-    g.add_argument("--synthetic-length", type=at_least(1), default=2000, help="synthetic training images")
-    g.add_argument("--synthetic-val-length", type=at_least(1), default=50, help="synthetic evaluation images")
+    g.add_argument("--workers", type=common.ranged(int, 0), default=2, help="data loader processes per GPU/process")
+    g.add_argument("--synthetic-size", type=common.ranged(int, 16), default=128, help="synthetic image side")
+    g.add_argument("--synthetic-length", type=common.ranged(int, 1), default=2000, help="synthetic training images")
+    g.add_argument("--synthetic-val-length", type=common.ranged(int, 1), default=50, help="synthetic evaluation images")
 
 
 def add_model_args(parser):
@@ -82,7 +86,7 @@ def add_model_args(parser):
     g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
     g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
     g.add_argument("--multi-grid", type=common.ranged(int, 1), nargs="+",
-                   help="layer4 dilation multipliers, e.g. 1 2 4")
+                   help="layer4 dilation multipliers, e.g. 1 2 4 (default: none)")
     g.add_argument("--dilation-style", default="pspnet", choices=common.DILATION_STYLES,
                    help="pspnet: every block of a dilated stage dilated (the authors' trunks); torchvision: "
                         "the first block keeps the previous dilation")
@@ -110,12 +114,12 @@ def add_training_args(parser):
 
 
 def add_run_args(parser):
-    at_least = lambda n: common.ranged(int, n)
     g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=at_least(1), help="iterations between evaluations (default: at the end)")
+    g.add_argument("--eval-every", type=common.ranged(int, 1),
+                   help="iterations between evaluations (default: at the end)")
     g.add_argument("--eval-mode", default="whole", choices=["whole", "slide"], help="whole image or sliding window")
-    g.add_argument("--eval-crop", type=at_least(1), default=512, help="sliding-window size")
-    g.add_argument("--eval-stride", type=at_least(1), default=341, help="sliding-window stride")
+    g.add_argument("--eval-crop", type=common.ranged(int, 1), default=512, help="sliding-window size")
+    g.add_argument("--eval-stride", type=common.ranged(int, 1), default=341, help="sliding-window stride")
     g.add_argument("--eval-scales", type=common.ranged(float, 0, low_open=True), nargs="+", default=[1.0],
                    help="e.g. 0.5 1.0 2.0")
     g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
@@ -127,8 +131,8 @@ def add_run_args(parser):
                                         "(--predict) or trained on from (its flags are then not taken)")
     g.add_argument("--finetune", action="store_true",
                    help="with --checkpoint in training: layers it lacks or holds in another shape start fresh")
-    g.add_argument("--save-every", type=at_least(1), default=1000, help="iterations between last.pt writes")
-    g.add_argument("--log-every", type=at_least(1), default=20, help="iterations between progress lines")
+    g.add_argument("--save-every", type=common.ranged(int, 1), default=1000, help="iterations between last.pt writes")
+    g.add_argument("--log-every", type=common.ranged(int, 1), default=20, help="iterations between progress lines")
 
 
 def build_parser(method=None):
@@ -152,18 +156,12 @@ def build_parser(method=None):
     return parser
 
 
-def given_flags(parser, argv):
-    """The flags (dests) written on the command line: every default is a marker that parsing keeps."""
-    marker = object()
-    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions})
-    parser.parse_args(argv, namespace)
-    return {dest for dest, value in vars(namespace).items() if value is not marker}
-
-
 def parse_args(argv=None):
-    """Three steps: --method (or the checkpoint's), then the common flags plus that method's own
-    group (no method's group with --compare-methods: every compared method keeps its own defaults),
-    then, for --eval-only / --predict, the model flags the checkpoint carries."""
+    """Two passes. The first reads --method (or the checkpoint's) to pick the parser: the common
+    flags and that method's group (none with --compare-methods: every compared method keeps its own
+    defaults). The second parses everything; with --eval-only / --predict it starts from the model
+    flags the checkpoint carries (and its dataset and folder, unless given), so that a model flag
+    given on the command line must agree with the checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     for flag in ("--method", "--compare-methods", "--checkpoint"):
@@ -171,44 +169,30 @@ def parse_args(argv=None):
     pre.add_argument("--eval-only", action="store_true")
     pre.add_argument("--predict", nargs="+")
     known = pre.parse_known_args(argv)[0]
-    saved = checkpoint_flags(known.checkpoint) if known.checkpoint and (known.eval_only or known.predict) else None
-    method = known.method or (saved or {}).get("method") or "fcn"
-    parser = build_parser(None if known.compare_methods else method)
-    args = parser.parse_args(argv)
+    saved = checkpoint_flags(known.checkpoint) if known.checkpoint and (known.eval_only or known.predict) else {}
+    parser = build_parser(None if known.compare_methods else known.method or saved.get("method") or "fcn")
+    # a None was written for a flag not given by checkpoints of earlier versions: the default stands for it
+    saved = {dest: value for dest, value in saved.items() if value is not None}
+    carried = {dest: saved[dest] for dest in parser.model_flags + ["dataset", "data_root"] if dest in saved}
+    args = parser.parse_args(argv, argparse.Namespace(**carried))
     if len(args.crop_size) > 2:
         parser.error("argument --crop-size: takes one or two numbers")
     args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
-    if saved:
-        take_checkpoint_flags(args, saved, parser.model_flags, given_flags(parser, argv), known.checkpoint)
+    for dest in parser.model_flags:
+        if dest in saved and getattr(args, dest) != saved[dest]:
+            raise common.InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from "
+                                    f"{known.checkpoint}'s {saved[dest]}: leave the model flags out, the "
+                                    f"checkpoint carries them")
     args.out = args.out or default_out(args)
-    check_flags(args)
-    refuse_resnet_flags(args, parser)
+    check_flags(args, parser)
     return args
 
 
 def checkpoint_flags(path):
-    """The flags a train.py checkpoint was written with; None for a plain state_dict, or a missing
+    """The flags a train.py checkpoint was written with; none for a plain state_dict or a missing
     file (which loading the weights then reports)."""
-    if not os.path.isfile(path):
-        return None
-    saved = common.load_checkpoint(path).get("args")
-    return saved if isinstance(saved, dict) else None
-
-
-def take_checkpoint_flags(args, saved, model_flags, given, path):
-    """The model flags come from the checkpoint; one given on the command line must agree with it.
-    The dataset and its folder too, unless given (evaluate on another copy, or another dataset of
-    the same classes)."""
-    for dest in model_flags:
-        if dest not in saved:
-            continue
-        if dest in given and getattr(args, dest) != saved[dest]:
-            raise common.InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from {path}'s "
-                                    f"{saved[dest]}: leave the model flags out, the checkpoint carries them")
-        setattr(args, dest, saved[dest])
-    for dest in ("dataset", "data_root"):
-        if dest not in given and dest in saved:
-            setattr(args, dest, saved[dest])
+    saved = common.load_checkpoint(path).get("args") if os.path.isfile(path) else None
+    return saved if isinstance(saved, dict) else {}
 
 
 def default_out(args):
@@ -220,8 +204,10 @@ def default_out(args):
     return os.path.join("runs", f"{'compare' if args.compare_methods else args.method}_{args.dataset}")
 
 
-def check_flags(args):
-    """Flag combinations that cannot work, refused before any data or model is touched."""
+def check_flags(args, parser):
+    """Flag combinations that cannot work, refused before any data or model is touched. --stem,
+    --output-stride, --multi-grid and --dilation-style shape a ResNet: with an HRNet --backbone
+    (fixed strides 4, 8, 16, 32) a value other than the default is refused."""
     if args.eval_only and not args.checkpoint:
         raise common.InputError("--eval-only needs --checkpoint (the trained model)")
     if args.predict and not args.checkpoint:
@@ -233,41 +219,50 @@ def check_flags(args):
         raise common.InputError("--label-ids writes Cityscapes labelIds: it needs --dataset cityscapes")
     if args.eval_mode == "slide":
         common.check_window(args.eval_crop, args.eval_stride)
-
-
-def refuse_resnet_flags(args, parser):
-    """--stem, --output-stride, --multi-grid and --dilation-style shape a ResNet: with an HRNet
-    --backbone (fixed strides 4, 8, 16, 32) a value other than the default is refused."""
-    if args.backbone not in common.HRNET_LAYOUTS:
-        return
+    levels.check_args(args)
     for dest in ("stem", "output_stride", "multi_grid", "dilation_style"):
-        if getattr(args, dest) != parser.get_default(dest):
+        if args.backbone in common.HRNET_LAYOUTS and getattr(args, dest) != parser.get_default(dest):
             raise common.InputError(f"--{dest.replace('_', '-')} shapes a dilated ResNet and means nothing with "
                                     f"--backbone {args.backbone} (HRNetV2's strides are fixed: 4, 8, 16, 32)")
 
 
-def check_out_folder(path):
-    """--out must be (or become) a folder this process can write: checked before any work starts."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise common.InputError(f"--out {path} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise common.InputError(f"--out {path} is not a writable folder ({e.strerror})") from None
+def compared_runs(args):
+    """The flags of each --compare-methods run: the common flags as given, the method's own at their
+    defaults, the boundary F-score on, OUT/METHOD as its run folder."""
+    methods = [m.strip() for m in args.compare_methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise common.InputError(f"--compare-methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    return [argparse.Namespace(**{**vars(build_parser(method).parse_args([])), **vars(args), "method": method,
+                                  "compare_methods": None, "boundary_f": True, "out": os.path.join(args.out, method)})
+            for method in methods]
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed set-up, checkpoints
+# Processes, the model, checkpoints
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process: its rank, the number of processes (world) and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self):
+        """Rank 0, the one process that prints and writes."""
+        return self.rank == 0
+
+    def say(self, line):
+        if self.master:
+            print(line, flush=True)
 
 
 def setup_distributed(device_arg):
-    """(rank, world size, device). torchrun sets RANK; otherwise one plain process."""
+    """torchrun sets RANK: DDP, NCCL on CUDA, gloo on CPU; otherwise one plain process."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Process(0, 1, torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu")))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and device_arg != "cpu":
         torch.cuda.set_device(local)
@@ -276,34 +271,48 @@ def setup_distributed(device_arg):
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return rank, world, device
+    return Process(rank, world, device)
+
+
+def new_model(args, device):
+    """The model of --method on `device`, its weights drawn from --seed (NHWC with --channels-last)."""
+    torch.manual_seed(args.seed)
+    model = METHODS[args.method][1](args).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def build(args, proc):
+    """new_model with --freeze-bn, --compile and the weights of --checkpoint applied."""
+    model = new_model(args, proc.device)
+    for m in batchnorms(model) if args.freeze_bn else []:
+        m.requires_grad_(False)                                # --freeze-bn: affine fixed too
+    if args.compile:
+        costs.compile_forward(model, log=proc.say)
+    if args.checkpoint:
+        common.load_weights(model, args.checkpoint, args.finetune)
+    return model
 
 
 def save_checkpoint(path, model, args, iteration, best_miou, optimizer=None, scaler=None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and a
-    failed write (a full disk) removes the temporary file and keeps the previous checkpoint. With an
-    optimizer (last.pt) everything --resume needs; without (best.pt) the weights and the flags. The
-    CUDA RNG state is that of the model's GPU (None on CPU)."""
+    """With an optimizer (last.pt) everything --resume needs; without (best.pt) the weights and the
+    flags. Written atomically (tools/crash_safety.py). The CUDA RNG state is that of the model's GPU
+    (None on CPU)."""
     state = {"model": model.state_dict(), "iteration": iteration, "best_miou": best_miou, "args": vars(args).copy()}
     if optimizer is not None:
         device = next(model.parameters()).device
         state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng_cpu=torch.get_rng_state(),
                      rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:                       # a full disk surfaces as either
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = "the previous one is kept" if os.path.isfile(path) else "none was written before"
-        raise common.InputError(f"cannot write checkpoint {path} ({str(e).strip()[:120]}): {kept}") from None
+    crash_safety.atomic_save(state, path)
 
 
 RESUME_KEYS = ("model", "optimizer", "scaler", "iteration", "best_miou", "rng_cpu", "rng_cuda")
 
 
-def resume(path, raw_model, optimizer, scaler, device, rank):
+def resume(path, raw_model, optimizer, scaler, proc):
     """Continue last.pt: weights, optimiser, GradScaler (kept fresh when the saved state is empty:
     the run had --amp off or bf16), RNG state. Returns (iteration, best mIoU)."""
     state = common.load_checkpoint(path)
@@ -321,10 +330,9 @@ def resume(path, raw_model, optimizer, scaler, device, rank):
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and isinstance(state["rng_cuda"], torch.Tensor):
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    if rank == 0:
-        print(f"resumed from {path} at iteration {state['iteration']}")
+    if proc.device.type == "cuda" and isinstance(state["rng_cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(state["rng_cuda"], proc.device)
+    proc.say(f"resumed from {path} at iteration {state['iteration']}")
     return state["iteration"], state["best_miou"]
 
 
@@ -332,73 +340,103 @@ def resume(path, raw_model, optimizer, scaler, device, rank):
 # Evaluation
 
 
-def evaluation_extras(model, dataset, args, device):
-    """What an evaluation adds beside the confusion matrix: --boundary-f, --save-maps (tools/)."""
-    extras = []
-    if args.boundary_f:
-        extras.append(boundary_f.BoundaryF(dataset.num_classes, dataset.class_names, device))
-    if args.save_maps:
-        extras.append(predict.MapSaver(model, args.dataset, args))
-    return extras
-
-
 @torch.no_grad()
-def evaluate(model, dataset, args, rank, world, device):
+def evaluate(model, dataset, args, proc):
     """Metrics over the whole split: each rank takes images rank, rank + world, ... (none twice),
     the confusion matrices (and the extras' counts) are summed over ranks. Under DDP every rank
     first takes rank 0's buffers (plain BN on CPU keeps per-rank running statistics). Leaves the
     model in eval mode."""
-    if world > 1:
+    if proc.world > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     model.eval()
-    tic, extras = time.time(), evaluation_extras(model, dataset, args, device)
-    K, indices = dataset.num_classes, range(rank, len(dataset), world)
+    tic, extras = time.time(), []                              # tools/: what an evaluation adds
+    if args.boundary_f:
+        extras.append(boundary_f.BoundaryF(dataset.num_classes, dataset.class_names, proc.device))
+    if args.levels:
+        extras.append(levels.LevelTables(model, dataset.num_classes, dataset.class_names, args.amp, proc.device))
+    if args.save_maps:
+        extras.append(predict.MapSaver(model, args.dataset, args))
+    K, indices = dataset.num_classes, range(proc.rank, len(dataset), proc.world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                         num_workers=args.workers, worker_init_fn=die_with_parent)
-    cm = torch.zeros(K, K, dtype=torch.long, device=device)
+                                         num_workers=args.workers, worker_init_fn=crash_safety.die_with_parent)
+    cm = torch.zeros(K, K, dtype=torch.long, device=proc.device)
     for index, (image, label) in zip(indices, loader):
-        image, label = image.to(device), label.to(device)
+        image, label = image.to(proc.device), label.to(proc.device)
         if args.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         pred = common.infer_as_flagged(model, image, label.shape[-2:], args).argmax(1)
         cm += common.confusion_matrix(pred, label, K)
         for extra in extras:
             extra.add(index, image, pred, label)
-    if world > 1:
+    if proc.world > 1:
         dist.all_reduce(cm)
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
     for extra in extras:
-        metrics.update(extra.result(world))
+        metrics.update(extra.result(proc.world))
     metrics["eval_img_per_s"] = round(len(dataset) / (time.time() - tic), 3)
     return metrics
 
 
-def check_labels(dataset, rank):
+def check_labels(dataset, proc):
     """One pass over the evaluation labels before training, so that a bad label stops the run now,
     not at its first evaluation hours later."""
     for i in range(len(dataset)):
         dataset.load_label(i)
-        if rank == 0 and ((i + 1) % 100 == 0 or i + 1 == len(dataset)):
-            print(f"checked {i + 1}/{len(dataset)} {dataset.name} evaluation labels", flush=True)
+        if (i + 1) % 100 == 0 or i + 1 == len(dataset):
+            proc.say(f"checked {i + 1}/{len(dataset)} {dataset.name} evaluation labels")
+
+
+def log(proc, args, record, line=None):
+    """Rank 0: print the line and append the record to OUT/metrics.jsonl."""
+    if proc.master:
+        if line:
+            print(line, flush=True)
+        crash_safety.append_json_line(os.path.join(args.out, "metrics.jsonl"), record)
+
+
+def write_summary(args, metrics, iteration):
+    summary = {"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}
+    crash_safety.write_json(os.path.join(args.out, "summary.json"), summary)
+
+
+def record_evaluation(raw_model, val_set, args, iteration, train_speed, proc):
+    """Evaluate, then (rank 0) print, append to metrics.jsonl and write summary.json."""
+    metrics = evaluate(raw_model, val_set, args, proc)
+    metrics["train_it_per_s"] = train_speed
+    log(proc, args, {"iter": iteration, **metrics}, f"eval at {iteration}: mIoU {metrics['mIoU']:.2f} "
+        f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
+    if proc.master:
+        write_summary(args, metrics, iteration)
+    return metrics
+
+
+def stored_train_speed(args):
+    """train_it_per_s of OUT/summary.json (None without one): a finished run evaluated again."""
+    path = os.path.join(args.out, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("train_it_per_s")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def die_with_parent(worker_id):
-    """DataLoader workers exit with their parent, even when it is killed with SIGKILL (Linux)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):                           # not Linux: the workers' own watchdog
-        pass
-
-
-def batchnorms(model):
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+def train_loader(args, train_set, start_iter, proc):
+    """This rank's endless, resumable loader: common.TrainSampler, or tools/sampling.py's mix of
+    class-uniform centres and --extra-data. Returns (loader, iterations per epoch)."""
+    if sampling.used(args):
+        train_set, sampler = sampling.mixed_training_data(args, train_set, start_iter, proc.rank, proc.world)
+    else:
+        sampler = common.TrainSampler(len(train_set), args.batch_size, proc.rank, proc.world, args.seed, start_iter)
+    per_epoch = len(sampler.epoch_items(0)) // sampler.global_batch
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator(),
+        num_workers=args.workers, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
+        pin_memory=proc.device.type == "cuda", worker_init_fn=crash_safety.die_with_parent)
+    return loader, per_epoch
 
 
 def set_training_mode(model, freeze_bn):
@@ -408,10 +446,10 @@ def set_training_mode(model, freeze_bn):
         m.eval()
 
 
-def train_step(model, raw_model, optimizer, scaler, images, labels, args, device):
+def train_step(model, raw_model, optimizer, scaler, images, labels, args):
     """One SGD step; returns the loss terms as detached device tensors: nothing here waits for the
     GPU (train() reads them, and checks they are finite, only at logging and saving)."""
-    with common.autocast(args.amp, device):
+    with common.autocast(args.amp, images.device):
         outputs = model(images)
     losses = raw_model.loss(outputs, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -421,98 +459,22 @@ def train_step(model, raw_model, optimizer, scaler, images, labels, args, device
     return {k: v.detach() for k, v in losses.items()}
 
 
-class Health:
-    """What train() checks at logging and saving, accumulated on the device without a sync: the
-    first iteration whose loss was not finite, and the labelled pixels seen since the last check."""
-
-    def __init__(self, device):
-        self.bad_iter = torch.tensor(-1, device=device)
-        self.labelled = torch.tensor(0, device=device)
-
-    def add(self, it, total, labels):
-        first_bad = (self.bad_iter < 0) & ~torch.isfinite(total)
-        self.bad_iter = torch.where(first_bad, torch.full_like(self.bad_iter, it + 1), self.bad_iter)
-        self.labelled = self.labelled + (labels != common.IGNORE_INDEX).sum()
-
-    def check(self, args, world):
-        """Stops the run (InputError) if a loss was not finite; returns the labelled pixel count
-        since the last check (summed over ranks) and resets it."""
-        state = torch.stack([self.bad_iter, self.labelled])
-        if world > 1:
-            dist.all_reduce(state)                             # any rank's bad step stops every rank
-        bad_iter, labelled = state.tolist()
-        if bad_iter != -world:                                 # every rank's 'none yet' is -1
-            last = os.path.join(args.out, "last.pt")
-            kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else \
-                f"no checkpoint was written yet (--save-every {args.save_every})"
-            at = f" at iteration {bad_iter}" if world == 1 else ""
-            raise common.InputError(f"the loss is not finite{at}: training stopped; {kept}")
-        self.labelled.zero_()
-        return labelled
-
-
-def strict_json(value):
-    """value with every non-finite float (an empty split's NaN mIoU) as None: valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
-def drop_cut_line(path):
-    """A run killed while appending to metrics.jsonl may leave a last line without its newline:
-    remove it, so that the file stays valid JSON lines."""
-    if not os.path.isfile(path):
-        return
-    with open(path, "rb+") as f:
-        text = f.read()
-        if text and not text.endswith(b"\n"):
-            f.truncate(text.rfind(b"\n") + 1)
-
-
-def log(rank, args, record, line=None):
-    if rank != 0:
-        return
-    if line:
-        print(line, flush=True)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-
-
 def progress_line(it, args, losses, lr, speed):
     terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
     eta = (args.iters - it - 1) / max(speed, 1e-9)
     return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
 
 
-def train_loader(args, train_set, start_iter, rank, world, device):
-    """This rank's endless, resumable loader: common.TrainSampler, or tools/sampling.py's mix of
-    class-uniform centres and --extra-data. Returns (loader, iterations per epoch)."""
-    if sampling.used(args):
-        train_set, sampler = sampling.mixed_training_data(args, train_set, start_iter, rank, world)
-    else:
-        sampler = common.TrainSampler(len(train_set), args.batch_size, rank, world, args.seed, start_iter)
-    per_epoch = len(sampler.epoch_items(0)) // sampler.global_batch
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, generator=torch.Generator(),
-                                         prefetch_factor=4 if args.workers else None,
-                                         persistent_workers=args.workers > 0, worker_init_fn=die_with_parent)
-    return loader, per_epoch
-
-
-def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device):
+def train(args, proc, model, optimizer, scaler, train_set, val_set, start_iter, best):
     """Iterations start_iter .. --iters, evaluated every --eval-every and at the end; returns the last
     metrics. last.pt is written every --save-every, before every evaluation and at the end, and only
     after the loss was checked finite. A resumed run that had already finished is evaluated once
     (its training speed is the one its summary.json recorded)."""
+    raw_model = model.module if isinstance(model, DDP) else model
     if start_iter >= args.iters:
-        return record_evaluation(raw_model, val_set, args, start_iter, stored_train_speed(args), rank, world, device)
-    loader, per_epoch = train_loader(args, train_set, start_iter, rank, world, device)
-    batches, tic, metrics, health = iter(loader), time.time(), None, Health(device)
+        return record_evaluation(raw_model, val_set, args, start_iter, stored_train_speed(args), proc)
+    loader, per_epoch = train_loader(args, train_set, start_iter, proc)
+    batches, tic, metrics, health = iter(loader), time.time(), None, crash_safety.Health(proc.device)
     eval_every, labelled_in_epoch = args.eval_every or args.iters, 0
     set_training_mode(raw_model, args.freeze_bn)
     for it in range(start_iter, args.iters):
@@ -520,33 +482,33 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args, device)
+        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args)
         health.add(it, losses["total"], labels)
         done, evaluating = it + 1, (it + 1) % eval_every == 0 or it + 1 == args.iters
         saving = evaluating or done % args.save_every == 0
         if done % args.log_every == 0 or saving or done - start_iter == per_epoch:
-            labelled = health.check(args, world)
+            labelled = health.check(args, proc.world)
             labelled_in_epoch += labelled
             if done % args.log_every == 0 or done == args.iters:
                 speed = (done - start_iter) / (time.time() - tic)
                 values = {k: v.item() for k, v in losses.items()}
                 warning = "" if labelled else " | warning: no labelled pixel in these batches"
-                log(rank, args, {"iter": done, "lr": lr, **values},
+                log(proc, args, {"iter": done, "lr": lr, **values},
                     progress_line(it, args, values, lr, speed) + warning)
             if done - start_iter == per_epoch and labelled_in_epoch == 0:
                 raise common.InputError(f"a whole epoch ({per_epoch} iterations) of {train_set.name} held no "
                                         f"labelled pixel (every label is {common.IGNORE_INDEX}): nothing trains")
-        if rank == 0 and saving:
+        if proc.master and saving:
             save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
         if evaluating:
             eval_start = time.time()
             speed = round((done - start_iter) / (eval_start - tic), 3)
-            metrics = record_evaluation(raw_model, val_set, args, done, speed, rank, world, device)
+            metrics = record_evaluation(raw_model, val_set, args, done, speed, proc)
             set_training_mode(raw_model, args.freeze_bn)
-            if rank == 0 and metrics["mIoU"] > best:
+            if proc.master and metrics["mIoU"] > best:
                 best = metrics["mIoU"]
                 save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, args, done, best)
                 save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
@@ -554,163 +516,50 @@ def train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_i
     return metrics
 
 
-def record_evaluation(raw_model, val_set, args, iteration, train_speed, rank, world, device):
-    """Evaluate, then (rank 0) print, append to metrics.jsonl and write summary.json."""
-    metrics = evaluate(raw_model, val_set, args, rank, world, device)
-    metrics["train_it_per_s"] = train_speed
-    log(rank, args, {"iter": iteration, **metrics}, f"eval at {iteration}: mIoU {metrics['mIoU']:.2f} "
-        f"aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
-    if rank == 0:
-        write_summary(args, metrics, iteration)
-    return metrics
-
-
-def stored_train_speed(args):
-    """train_it_per_s of OUT/summary.json (None without one)."""
-    path = os.path.join(args.out, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("train_it_per_s")
-
-
-def write_summary(args, metrics, iteration):
-    """OUT/summary.json, written to a temporary file and renamed, as the checkpoints."""
-    summary = {"method": args.method, "dataset": args.dataset, "iteration": iteration, **metrics}
-    path = os.path.join(args.out, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(strict_json(summary), f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)
-
-
-def seed_ranks(args, rank, world, start_iter):
-    """Under DDP each rank draws its own dropout masks: a seed from (--seed, start iteration, rank),
-    set after the model is built (DDP broadcasts rank 0's weights anyway) and after a resume (the
-    checkpoint holds rank 0's RNG state only). One process keeps the stream of --seed (or of last.pt)."""
-    if world > 1:
-        torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + rank)
-
-
-def build(args, device, rank):
-    """The model of --method on `device`: channels_last, --freeze-bn, --compile, --checkpoint applied."""
-    raw_model = METHODS[args.method][1](args).to(device)
-    if args.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    for m in batchnorms(raw_model) if args.freeze_bn else []:
-        m.requires_grad_(False)                                # --freeze-bn: affine fixed too
-    if args.compile:
-        costs.compile_forward(raw_model, log=print if rank == 0 else lambda line: None)
-    if args.checkpoint:
-        common.load_weights(raw_model, args.checkpoint, args.finetune)
-    return raw_model
-
-
-def run(args):
+def run(args, proc):
     """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics)."""
-    rank, world, device = setup_distributed(args.device)
-    torch.manual_seed(args.seed)
-    check_out_folder(args.out)
-    if rank == 0:
-        print(f"writing to {os.path.abspath(args.out)}", flush=True)
-    if args.predict:
-        train_set = val_set = None
+    crash_safety.check_out_folder(args.out)
+    proc.say(f"writing to {os.path.abspath(args.out)}")
+    if args.predict:                                           # tools/predict.py: no dataset is read
         args.num_classes = len(common.dataset_classes(args.dataset))
-    else:
-        train_set, val_set = common.build_datasets(args)
-        args.num_classes = train_set.num_classes
-    raw_model = build(args, device, rank)
-    if args.predict:
-        return raw_model, predict.predict(raw_model, args, rank, world, device)
+        model = build(args, proc)
+        return model, predict.predict(model, args, proc.rank, proc.world, proc.device)
+    train_set, val_set = common.build_datasets(args)
+    args.num_classes = train_set.num_classes
+    raw_model = build(args, proc)
     if args.eval_only:
-        metrics = evaluate(raw_model, val_set, args, rank, world, device)
-        if rank == 0:
+        metrics = evaluate(raw_model, val_set, args, proc)
+        if proc.master:
             print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
             write_summary(args, metrics, None)
             print(f"wrote {os.path.join(args.out, 'summary.json')}")
         return raw_model, metrics
-    check_labels(val_set, rank)
+    check_labels(val_set, proc)
     model = raw_model
-    if world > 1:
-        if device.type == "cuda":
+    if proc.world > 1:
+        if proc.device.type == "cuda":
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(raw_model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=args.amp == "fp16")
     start_iter, best = 0, -1.0
     last = os.path.join(args.out, "last.pt")
     if args.resume and os.path.isfile(last):
-        start_iter, best = resume(last, raw_model, optimizer, scaler, device, rank)
-        if rank == 0:
-            drop_cut_line(os.path.join(args.out, "metrics.jsonl"))
-    seed_ranks(args, rank, world, start_iter)
-    if rank == 0:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {world} process(es), {device}")
-    metrics = train(args, model, raw_model, optimizer, scaler, train_set, val_set, start_iter, best, rank, world, device)
-    if rank == 0:
-        print(f"wrote {', '.join(sorted(os.listdir(args.out)))} in {args.out}")
+        start_iter, best = resume(last, raw_model, optimizer, scaler, proc)
+        if proc.master:
+            crash_safety.drop_cut_line(os.path.join(args.out, "metrics.jsonl"))
+    if proc.world > 1:
+        # each rank its own dropout masks: a seed from (--seed, start iteration, rank), set after the
+        # model is built (DDP broadcasts rank 0's weights) and after a resume (the checkpoint holds
+        # rank 0's RNG state only); one process keeps the stream of --seed (or of last.pt)
+        torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + proc.rank)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    proc.say(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {proc.world} process(es), "
+             f"{proc.device}")
+    metrics = train(args, proc, model, optimizer, scaler, train_set, val_set, start_iter, best)
+    proc.say(f"wrote {', '.join(sorted(os.listdir(args.out)))} in {args.out}")
     return raw_model, metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# --benchmark and --compare-methods (their measuring and writing live in tools/costs.py)
-
-
-def benchmark(args):
-    """tools/costs.benchmark on the model of --method; returns (model, its figures)."""
-    rank, _, device = setup_distributed(args.device)
-    torch.manual_seed(args.seed)
-    model = METHODS[args.method][1](args).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, costs.benchmark(model, args, device, say=print if rank == 0 else lambda line: None)
-
-
-def against_paper(args, argv):
-    """--benchmark --against-paper: every row of the method's table in tools/paper_costs.py (its
-    paper's costs) benchmarked with the table's flags, then the command line's (which may
-    override them: --amp, a smaller --backbone), then the row's own; one table."""
-    paper = paper_costs.PAPER_COSTS.get(args.method)
-    if paper is None:
-        raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper "
-                                f"(tools/paper_costs.py has {', '.join(paper_costs.PAPER_COSTS)})")
-    results = []
-    for label, flags, _ in paper["rows"]:
-        row_args = parse_args(paper["flags"] + [a for a in argv if a != "--against-paper"] + flags)
-        print(f"== {label}: {' '.join(paper['flags'] + flags)}", flush=True)
-        results.append(benchmark(row_args)[1])
-    table = costs.against_paper_table(paper, results)
-    print(table)
-    return None, {"table": table, "rows": results}
-
-
-def method_args(args, method):
-    """One --compare-methods run: the common flags as given, the method's own at their defaults,
-    the boundary F-score on, OUT/METHOD as its run folder."""
-    defaults = vars(build_parser(method).parse_args([]))
-    return argparse.Namespace(**{**defaults, **vars(args), "method": method, "compare_methods": None,
-                                 "boundary_f": True, "out": os.path.join(args.out, method)})
-
-
-def compare_methods(args):
-    """Train and evaluate each method of --compare-methods with the same data, backbone, seed and
-    iterations; rank 0 writes OUT/comparison.md. Returns the rows."""
-    methods = [m.strip() for m in args.compare_methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise common.InputError(f"--compare-methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
-    rank, world, _ = setup_distributed(args.device)
-    rows = []
-    for i, method in enumerate(methods):
-        if rank == 0:
-            print(f"== compare {i + 1}/{len(methods)}: {method} ==", flush=True)
-        margs = method_args(args, method)
-        model, metrics = run(margs)
-        rows.append(costs.comparison_row(model, metrics, margs))
-    if rank == 0:
-        costs.write_comparison(os.path.join(args.out, "comparison.md"), rows, args, world)
-    return rows
 
 
 def main(argv=None):
@@ -719,13 +568,16 @@ def main(argv=None):
     and each row's figures); --compare-methods (None, its rows)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.compare_methods:
-        return None, compare_methods(args)
-    if args.benchmark and args.against_paper:
-        return against_paper(args, argv)
-    if args.benchmark:
-        return benchmark(args)
-    return run(args)
+    proc = setup_distributed(args.device)
+    if args.compare_methods:                                   # tools/costs.py: each method trained, one table
+        return None, costs.compare_methods(args, compared_runs(args), lambda a: run(a, proc), proc.world, proc.master)
+    if args.benchmark and args.against_paper:                  # tools/costs.py: the paper's table beside ours
+        return None, costs.against_paper(args, argv, parse_args, lambda a: new_model(a, proc.device), proc.device,
+                                         say=proc.say)
+    if args.benchmark:                                         # tools/costs.py: parameters, FLOPs, memory, time
+        model = new_model(args, proc.device)
+        return model, costs.benchmark(model, args, proc.device, say=proc.say)
+    return run(args, proc)
 
 
 def error_message(e):

@@ -18,12 +18,7 @@ from tools import convert_nvidia
 SMALL = dict(ocr_channels=(32, 16), head_channels=16)          # hrnet18-small, narrow OCR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nvidia_model(classes=19, ms_mode="hierarchical"):

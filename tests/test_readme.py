@@ -1,4 +1,7 @@
-"""The README's commands and flags against the parsers: documentation that drifts from the code fails."""
+"""The README's commands and flags against the parsers, and its Python blocks run: documentation that drifts from
+the code fails."""
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -11,7 +14,7 @@ import common  # noqa: E402
 import train  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-SCRIPTS = {"train.py": [], "specialize_fuse.py": ["--method", "specialize_fuse"]}
+SCRIPTS = {"train.py": []}
 METHOD_PLACEHOLDERS = {"METHOD", "NAME"}                   # run with every method in its place
 LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone", "--index-url"}   # torchrun's and pip's own
 
@@ -21,13 +24,21 @@ def readme_text():
         return f.read()
 
 
+def fenced_blocks(text, languages):
+    """The contents of the README's fenced blocks tagged with one of `languages` ('' = untagged)."""
+    return [block for language, block in re.findall(r"```([a-z]*)\n(.*?)```", text, flags=re.S)
+            if language in languages]
+
+
 def shell_lines(text):
-    """Each command line of the README's fenced blocks: continuations joined, comments dropped,
+    """Each command line of the README's shell blocks: continuations joined, comments dropped,
     shell variables of the block (B="...") substituted."""
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+    for block in fenced_blocks(text, ("bash", "")):
         variables = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
+            if line.startswith("#"):
+                continue
             assignment = re.fullmatch(r'(\w+)="([^"]*)"', line)
             if assignment:
                 variables[assignment[1]] = assignment[2]
@@ -102,3 +113,25 @@ def test_every_split_a_readme_command_names_exists():
                 assert set(split.split("+")) <= set(splits), f"{' '.join(args)}: {split} not in {splits}"
                 checked += 1
     assert checked > 10
+
+
+def test_the_python_blocks_run_and_print_what_their_comments_say():
+    """Every python block, in order, in one namespace (as a reader pastes them into one session); each
+    `print(...)  # torch.Size(...): ...` line must print what its comment says."""
+    blocks = fenced_blocks(readme_text(), ("python",))
+    assert blocks, "the README has no Python snippet"
+    namespace, printed = {"__name__": "readme"}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), namespace)
+    comment = r"^print\(.*?\)\s+# (torch\.Size\(\[.*?\]\))"                  # print(x.shape)  # torch.Size([...])
+    expected = [shape for block in blocks for shape in re.findall(comment, block, flags=re.M)]
+    assert expected and printed.getvalue().split("\n")[:len(expected)] == expected
+
+
+def test_the_readme_runs_the_tests_as_ci_does():
+    """The set-up block's test command is the one .ci/run runs."""
+    with open(os.path.join(os.path.dirname(README), ".ci", "run")) as f:
+        ci = f.read()
+    assert "\npython -m pytest -q\n" in ci
+    assert any(line.endswith("python -m pytest -q") for line in shell_lines(readme_text()))

@@ -40,7 +40,7 @@ def import_graph():
 def test_the_project_modules_are_what_the_readme_lists():
     assert set(project_modules()) == {"common", "train", *METHOD_FILES, "tools.costs", "tools.predict",
                                       "tools.boundary_f", "tools.sampling", "tools.convert_nvidia",
-                                      "tools.paper_costs"}
+                                      "tools.paper_costs", "tools.crash_safety", "tools.levels"}
 
 
 def test_imports_flow_one_way():
@@ -54,6 +54,36 @@ def test_imports_flow_one_way():
             assert imported <= {"common", *METHOD_FILES}, f"{name} imports {imported}"
         if name.startswith("tools."):
             assert imported <= {"common"} | {m for m in graph if m.startswith("tools.")}, f"{name} imports {imported}"
+
+
+def names_from_common(path):
+    """The names a file takes from common.py: `from common import X` and `common.X`."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module == "common":
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "common":
+            names.add(node.attr)
+    return names
+
+
+def test_no_method_reads_below_commons_data_half_divider():
+    """common.py's docstring tells a reader of a method to stop at "THE DATA HALF": no method file
+    may take a name defined below it."""
+    path = os.path.join(ROOT, "common.py")
+    text = open(path).read()
+    divider = text[:text.index("# THE DATA HALF")].count("\n") + 1
+    data_half = set()
+    for node in ast.parse(text).body:
+        if node.lineno > divider:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                data_half.add(node.name)
+            elif isinstance(node, ast.Assign):
+                data_half.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    assert "build_datasets" in data_half and "SegModel" not in data_half
+    for name in METHOD_FILES:
+        used = names_from_common(os.path.join(ROOT, f"{name}.py")) & data_half
+        assert not used, f"{name}.py reads the data half of common.py: {sorted(used)}"
 
 
 def cycle_in(graph):

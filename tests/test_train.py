@@ -108,6 +108,14 @@ def test_an_empty_split_writes_strict_json(tmp_path):
     assert [r["mIoU"] for r in records if "mIoU" in r] == [None]
 
 
+def test_help_never_prints_a_default_of_none():
+    """--help shows each flag's default; a flag without one (None) says in its help what happens."""
+    for method in train.METHODS:
+        text = train.build_parser(method).format_help()
+        assert "(default: None)" not in " ".join(text.split()), method
+    assert "(default: 0.01)" in " ".join(train.build_parser("fcn").format_help().split())
+
+
 def test_checkpoint_of_a_cpu_run_holds_no_cuda_rng_state(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)             # a GPU in the machine, unused
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(8, dtype=torch.uint8)])
@@ -331,3 +339,19 @@ def test_freeze_bn_keeps_every_batchnorm_fixed(tmp_path):
              if not torch.equal(a, b)]
     assert bn and not [name for name in moved if name.rsplit(".", 1)[0] in bn]
     assert any(name.endswith("conv1.weight") for name in moved)
+
+
+def test_a_checkpoint_of_an_earlier_version_with_none_flags_evaluates(tmp_path):
+    """Earlier versions saved None for the method flags not given (their parser's default). Such a
+    checkpoint still evaluates: each None stands for today's default instead of reaching build_model."""
+    out = tmp_path / "run"
+    argv = TINY[:]
+    argv[argv.index("fcn")] = "galdv1"
+    del argv[argv.index("--head-channels"):argv.index("--head-channels") + 2]
+    _, trained = train.main(argv + ["--iters", "1", "--ga", "psp", "--out", str(out)])
+    state = torch.load(out / "best.pt", weights_only=True)
+    state["args"].update(ld_downsample=None, follow_code=None)
+    torch.save(state, out / "old.pt")
+    _, metrics = train.main(["--eval-only", "--checkpoint", str(out / "old.pt"), "--synthetic-size", "40",
+                             "--synthetic-val-length", "4", "--workers", "0", "--device", "cpu"])
+    assert metrics["mIoU"] == trained["mIoU"]

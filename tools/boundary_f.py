@@ -69,7 +69,8 @@ def boundary_f_scores(counts, tolerances=BOUNDARY_TOLERANCES, class_names=None):
         f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0.0)
         f1[(c[:, 0] == 0) & (c[:, 2] == 0)] = float("nan")     # no boundary anywhere: not counted
         scores[f"{t}px"] = {"mBF": round(100 * f1.nanmean().item(), 2),
-                            "per_class": {n: None if math.isnan(v) else round(100 * v, 2) for n, v in zip(names, f1.tolist())}}
+                            "per_class": {n: None if math.isnan(v) else round(100 * v, 2)
+                                          for n, v in zip(names, f1.tolist())}}
     return scores
 
 

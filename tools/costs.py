@@ -1,5 +1,5 @@
-"""Costs of a model: parameters, FLOPs, peak memory and time (train.py --benchmark), the table of
---compare-methods, and torch.compile (--compile).
+"""Costs of a model: parameters, FLOPs, peak memory and time (train.py --benchmark), the paper's
+cost table beside ours (--against-paper), --compare-methods and its table, and torch.compile (--compile).
 
     python train.py --method galdv2 --backbone resnet50 --crop-size 512 --benchmark --batch-size 1
 
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+from tools import paper_costs
 
 
 def add_args(parser):
@@ -31,11 +32,11 @@ def add_args(parser):
     g.add_argument("--against-paper", action="store_true",
                    help="with --benchmark: measure every row of the method's cost table in its paper "
                         "(its PAPER_COSTS) and print ours beside the paper's, with the ratio")
-    g.add_argument("--benchmark-iters", type=common.ranged(int, 1), default=5, help="timed calls (the median is reported)")
+    g.add_argument("--benchmark-iters", type=common.ranged(int, 1), default=5,
+                   help="timed calls (the median is reported)")
     g.add_argument("--benchmark-warmup", type=common.ranged(int, 0), default=2, help="untimed calls before them")
     g.add_argument("--num-classes", type=common.ranged(int, 1), default=19,
                    help="class count of --benchmark's random target (training uses the dataset's)")
-
 
 
 def parameter_counts(model):
@@ -259,13 +260,26 @@ def benchmark_table(r):
 
 
 # ----------------------------------------------------------------------------------------------
-# --against-paper: a method's PAPER_COSTS, e.g.
-#     PAPER_COSTS = dict(title="Table IV ...", flags=[...],             # flags of every row
-#                        quantities={"params (M)": ("params_total", "absolute"), ...},
-#                        rows=[("FCN", [...flags of the row...], {"params (M)": 47.5, ...}), ...])
-# A quantity is one of benchmark()'s figures, read as "absolute" (ours / paper), "relative" (each
-# row divided by the first row, ours and the paper's: times on other hardware) or "added" (ours:
-# each row minus the first row; the paper's as printed, e.g. "+0.4M": the cost a module adds).
+# --against-paper: a method's table of tools/paper_costs.py (its docstring gives the format)
+
+
+def against_paper(args, argv, parse, build, device, say=print):
+    """--benchmark --against-paper: every row of the method's table in tools/paper_costs.py (its
+    paper's costs) benchmarked with the table's flags, then the command line's `argv` (which may
+    override them: --amp, a smaller --backbone), then the row's own; parse(argv) gives a row's
+    flags, build(flags) its model. Returns {'table': the Markdown table, 'rows': each row's figures}."""
+    paper = paper_costs.PAPER_COSTS.get(args.method)
+    if paper is None:
+        raise common.InputError(f"--against-paper: {args.method} has no cost table of its paper "
+                                f"(tools/paper_costs.py has {', '.join(paper_costs.PAPER_COSTS)})")
+    results = []
+    for label, flags, _ in paper["rows"]:
+        row_args = parse(paper["flags"] + [a for a in argv if a != "--against-paper"] + flags)
+        say(f"== {label}: {' '.join(paper['flags'] + flags)}")
+        results.append(benchmark(build(row_args), row_args, device, say))
+    table = against_paper_table(paper, results)
+    say(table)
+    return {"table": table, "rows": results}
 
 
 def figure(r, key):
@@ -298,7 +312,22 @@ def against_paper_table(costs, results):
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare-methods' table (train.py trains each method; this writes what it measured)
+# --compare-methods: each method trained and evaluated (train.py's run), then one table
+
+
+def compare_methods(args, runs, run, world, master=True):
+    """Train and evaluate each of `runs` (one method's flags each: the same data, backbone, seed and
+    iterations) with run(flags) -> (model, metrics); the master process writes OUT/comparison.md.
+    Returns the table's rows."""
+    rows = []
+    for i, run_args in enumerate(runs):
+        if master:
+            print(f"== compare {i + 1}/{len(runs)}: {run_args.method} ==", flush=True)
+        model, metrics = run(run_args)
+        rows.append(comparison_row(model, metrics, run_args))
+    if master:
+        write_comparison(os.path.join(args.out, "comparison.md"), rows, args, world)
+    return rows
 
 
 COMPARISON_COLUMNS = ("method", "mIoU", "aAcc", "BF 3px", "params (M)", "GFLOPs", "train it/s", "eval img/s")

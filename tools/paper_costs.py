@@ -1,8 +1,14 @@
 """The papers' cost tables, for `train.py --benchmark --against-paper` (tools/costs.py reads them).
 
-One entry per method whose paper prints one: the table's flags (every row), the quantities compared
-(a benchmark() figure read as "absolute", "relative" to the first row, or "added" over it) and the
-rows (label, the row's own flags, the paper's figures).
+One entry per method whose paper prints one:
+
+    dict(title="Table IV ...", flags=[...flags of every row...],
+         quantities={"params (M)": ("params_total", "absolute"), ...},
+         rows=[("FCN", [...flags of the row...], {"params (M)": 47.5, ...}), ...])
+
+A quantity is one of costs.benchmark()'s figures, read as "absolute" (ours / paper), "relative" (each
+row divided by the first row, ours and the paper's: times on other hardware) or "added" (ours: each
+row minus the first row; the paper's as printed, e.g. "+0.4M": the cost a module adds).
 """
 
 
@@ -62,4 +68,5 @@ HIER_MS_ATTN_COSTS = dict(
           ("Explicit, 0.5 1.0 2.0", ["--ms-mode", "explicit"], {"FLOPS": 5.25, "minibatch time": 3.08})])
 
 
-PAPER_COSTS = {"galdv2": GALDV2_COSTS, "denoised_nl": DENOISED_NL_COSTS, "specialize_fuse": SPECIALIZE_FUSE_COSTS, "hier_ms_attn": HIER_MS_ATTN_COSTS}
+PAPER_COSTS = {"galdv2": GALDV2_COSTS, "denoised_nl": DENOISED_NL_COSTS, "specialize_fuse": SPECIALIZE_FUSE_COSTS,
+               "hier_ms_attn": HIER_MS_ATTN_COSTS}

@@ -23,9 +23,11 @@ def add_args(parser):
     g = parser.add_argument_group("class-uniform sampling and extra data")
     g.add_argument("--class-uniform", type=common.ranged(float, 0, 1), default=0.0,
                    help="share of crops centred on a class centroid, classes drawn uniformly (HMSA: 0.5)")
-    g.add_argument("--class-uniform-tile", type=common.ranged(int, 1), default=1024, help="label tile of the centroid index")
+    g.add_argument("--class-uniform-tile", type=common.ranged(int, 1), default=1024,
+                   help="label tile of the centroid index")
     g.add_argument("--extra-data", help="folder with pairs.txt of extra (auto-labelled) images, train ids")
-    g.add_argument("--extra-ratio", type=common.ranged(float, 0, 1, high_open=True), default=0.5, help="share of crops drawn from --extra-data")
+    g.add_argument("--extra-ratio", type=common.ranged(float, 0, 1, high_open=True), default=0.5,
+                   help="share of crops drawn from --extra-data")
 
 
 def used(args):
