@@ -7,7 +7,7 @@
     python train.py --method galdv2 --backbone resnet50 --crop-size 512 --benchmark --batch-size 1  # costs
     python train.py --compare-methods fcn,galdv1,galdv2 --dataset synthetic --backbone resnet18 --iters 300
 
-Under torchrun (RANK is set) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
+Under torchrun (RANK is set, one process included) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
 (SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
 summary.json (last evaluation), last.pt (everything --resume needs) and best.pt (the weights and the
 flags), both written atomically. A checkpoint carries its model's flags: --eval-only and --predict
@@ -244,10 +244,12 @@ def compared_runs(args):
 
 @dataclass(frozen=True)
 class Process:
-    """This process: its rank, the number of processes (world) and its device."""
+    """This process: its rank, the number of processes (world), its device, and whether torchrun
+    started it (distributed: DDP, with SyncBatchNorm on CUDA, at any world size, one process included)."""
     rank: int
     world: int
     device: torch.device
+    distributed: bool = False
 
     @property
     def master(self):
@@ -271,7 +273,7 @@ def setup_distributed(device_arg):
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return Process(rank, world, device)
+    return Process(rank, world, device, distributed=True)
 
 
 def new_model(args, device):
@@ -346,7 +348,7 @@ def evaluate(model, dataset, args, proc):
     the confusion matrices (and the extras' counts) are summed over ranks. Under DDP every rank
     first takes rank 0's buffers (plain BN on CPU keeps per-rank running statistics). Leaves the
     model in eval mode."""
-    if proc.world > 1:
+    if proc.distributed:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     model.eval()
@@ -369,7 +371,7 @@ def evaluate(model, dataset, args, proc):
         cm += common.confusion_matrix(pred, label, K)
         for extra in extras:
             extra.add(index, image, pred, label)
-    if proc.world > 1:
+    if proc.distributed:
         dist.all_reduce(cm)
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
     for extra in extras:
@@ -536,7 +538,7 @@ def run(args, proc):
         return raw_model, metrics
     check_labels(val_set, proc)
     model = raw_model
-    if proc.world > 1:
+    if proc.distributed:                                       # torchrun, even --nproc_per_node=1
         if proc.device.type == "cuda":
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
         model = DDP(raw_model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
@@ -555,8 +557,8 @@ def run(args, proc):
         # rank 0's RNG state only); one process keeps the stream of --seed (or of last.pt)
         torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + proc.rank)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    proc.say(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {proc.world} process(es), "
-             f"{proc.device}")
+    proc.say(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {proc.world} process(es)"
+             f"{' (DDP)' if isinstance(model, DDP) else ''}, {proc.device}")
     metrics = train(args, proc, model, optimizer, scaler, train_set, val_set, start_iter, best)
     proc.say(f"wrote {', '.join(sorted(os.listdir(args.out)))} in {args.out}")
     return raw_model, metrics

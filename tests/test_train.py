@@ -189,6 +189,33 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
         assert json.load(f) == whole and sum(map(len, whole)) > 16
 
 
+def single_rank_worker(rank, port, out):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = train.main(TINY + ["--iters", "2", "--out", out])
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out, "weights.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_with_one_process_takes_the_ddp_path_and_trains_as_one_plain_process(tmp_path, capfd):
+    """torchrun --nproc_per_node=1 wraps the model in DDP (SyncBatchNorm too on CUDA), so that a one-GPU
+    check runs the multi-GPU code; with one rank its all-reduce averages one gradient, so the weights
+    equal a plain process's after the same steps."""
+    out = str(tmp_path / "ddp1")
+    mp.spawn(single_rank_worker, args=(free_port(), out), nprocs=1)
+    assert "1 process(es) (DDP)" in capfd.readouterr().out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                                 # as the worker: the same sums
+    try:
+        plain, _ = train.main(TINY + ["--iters", "2", "--out", str(tmp_path / "plain")])
+    finally:
+        torch.set_num_threads(threads)
+    assert "(DDP)" not in capfd.readouterr().out
+    ddp = torch.load(os.path.join(out, "weights.pt"), weights_only=True)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, ddp[name]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the problem
 
