@@ -25,9 +25,12 @@ The method interface (README "The interface"): a method file has `add_args(parse
     maps(image, scales)         -> name -> (B, M, h, w) heat maps in [0, 1] (--save-maps)
 """
 import argparse
+import codecs
 import math
 import os
+import re
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -539,17 +542,19 @@ def key_mismatch(path, subject, kinds, hint=""):
     return InputError(f"{path} does not fit {subject}: {summary}{hint}; every key in {listing.name}")
 
 
-def load_state(model, weights, path, finetune=False):
+def load_state(model, weights, path, finetune=False, can_finetune=True):
     """Load the state_dict `weights` (read from PATH) into model. Every key must fit, except with
     finetune: then the layers the file lacks (an attention head that a pre-trained model never had)
     or holds in another shape (a classifier of another class count) start freshly initialised, and
-    are listed. Keys of the file that the model does not have are always an error (the wrong model)."""
+    are listed. Keys of the file that the model does not have are always an error (the wrong model).
+    can_finetune=False: the caller cannot start layers fresh (evaluation, a resume), so the message
+    does not suggest --finetune."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     reshaped = [k for k in weights if k in own and weights[k].shape != own[k].shape]
     if unexpected or ((missing or reshaped) and not finetune):
-        hint = " (--finetune starts missing and mis-shaped layers fresh)" if not unexpected else ""
+        hint = " (--finetune starts missing and mis-shaped layers fresh)" if can_finetune and not unexpected else ""
         raise key_mismatch(path, "this model", (("unexpected", unexpected), ("missing", missing),
                                                 ("mis-shaped", reshaped)), hint)
     fresh = missing + reshaped
@@ -558,9 +563,9 @@ def load_state(model, weights, path, finetune=False):
     model.load_state_dict({k: v for k, v in weights.items() if k not in reshaped}, strict=not fresh)
 
 
-def load_weights(model, path, finetune=False):
+def load_weights(model, path, finetune=False, can_finetune=True):
     """load_state with the weights of checkpoint PATH (a train.py checkpoint or a plain state_dict)."""
-    load_state(model, weights_in(load_checkpoint(path), path), path, finetune)
+    load_state(model, weights_in(load_checkpoint(path), path), path, finetune, can_finetune)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,9 +605,18 @@ def main_and_aux_loss(outputs, target, *, ohem, aux_weight):
 
 
 def confusion_matrix(pred, label, num_classes):
-    """(K, K) int64 counts, rows = ground truth, columns = prediction; ignore pixels skipped."""
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; ignore pixels skipped. Every
+    prediction and label of a counted pixel must lie in [0, K): a ValueError names the values that do
+    not (one would otherwise be filed in a wrong cell, or past the matrix)."""
     valid = label != IGNORE_INDEX
-    index = label[valid].long() * num_classes + pred[valid].long()
+    pred, label = pred[valid].long(), label[valid].long()
+    outside = lambda v: (v < 0) | (v >= num_classes)
+    if (outside(pred) | outside(label)).any():                # one sync
+        bad_pred, bad_label = (torch.unique(v[outside(v)])[:5].tolist() for v in (pred, label))
+        raise ValueError(f"confusion_matrix(num_classes={num_classes}): predictions and labels must lie in "
+                         f"[0, {num_classes}) ({IGNORE_INDEX} = ignore in labels); found predictions {bad_pred}, "
+                         f"labels {bad_label}")
+    index = label * num_classes + pred
     return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
@@ -893,12 +907,25 @@ class SegDataset(torch.utils.data.Dataset):
         if label.ndim != 2:
             raise InputError(f"label {path} is not a single-channel image (shape {label.shape})")
         if self.lut is not None:
-            beyond = (label < 0) | (label >= len(self.lut))    # e.g. a 16-bit PNG's values past the table
-            if beyond.any():
-                raise label_values_error(np.unique(label[beyond]), self.num_classes, path)
-            label = self.lut[label]
+            label = self.map_raw(label, path)
         check_label_values(label, self.num_classes, path)
         return label
+
+    def map_raw(self, label, path):
+        """Raw label values -> train ids through the LUT. A value past the table (a 16-bit PNG) or one
+        that the table marks -1 (no value of this kind of label file: 34 and up in Cityscapes labelIds)
+        is an InputError naming the file and the values."""
+        unknown = (label < 0) | (label >= len(self.lut))
+        mapped = self.lut[np.where(unknown, 0, label)]
+        unknown |= mapped < 0
+        if not unknown.any():
+            return mapped.astype(np.uint8)
+        bad = np.unique(label[unknown])
+        held = np.flatnonzero(self.lut >= 0)
+        if len(held) == len(self.lut):
+            raise label_values_error(bad, self.num_classes, path)
+        raise InputError(f"label {path} has values {bad.tolist()} where a {self.name} label file of its kind "
+                         f"holds only {held[0]}..{held[-1]}")
 
     def __getitem__(self, item):
         """item: an index (evaluation) or (index, seed, crop centre or None) from TrainSampler."""
@@ -910,13 +937,47 @@ class SegDataset(torch.utils.data.Dataset):
 
 
 def read_image(path, mode="RGB"):
-    """Open an image fully (so a truncated file fails here), naming the file on failure."""
+    """Open an image fully (so a truncated file fails here), naming the file on failure. A 16-bit
+    grayscale image (Pillow's I;16 modes, or I: microscopy, thermal, medical) read as RGB keeps its
+    full range, v / 257 (Pillow's own conversion clips every value past 255 to white). An image
+    larger than the pixel limit (allow_image_pixels) is refused, saying how to allow it."""
     try:
         with Image.open(path) as im:
             im.load()
+            if mode == "RGB" and im.mode.startswith("I"):
+                return eight_bit(im).convert(mode)
             return im.convert(mode) if mode else im.copy()
+    except Image.DecompressionBombError as e:
+        raise too_many_pixels(path, e) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"cannot read image {path}: {e}") from None
+
+
+def eight_bit(image):
+    """A 16-bit (or 32-bit integer) grayscale image as 8-bit L: 0..65535 -> 0..255, by v / 257."""
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8))
+
+
+DEFAULT_IMAGE_PIXELS = int(2 * Image.MAX_IMAGE_PIXELS)         # what Pillow opens: 178,956,970
+
+
+def allow_image_pixels(limit=DEFAULT_IMAGE_PIXELS):
+    """Open images of up to `limit` pixels (--max-image-pixels). Pillow refuses an image of more than
+    twice its MAX_IMAGE_PIXELS as a decompression bomb and warns past MAX_IMAGE_PIXELS: the limit is
+    set to limit / 2 and the warning silenced. Set in the main process; loader workers fork from it."""
+    Image.MAX_IMAGE_PIXELS = limit / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def too_many_pixels(path, error):
+    """The InputError of an image past the pixel limit: its size, the limit, and the flag that allows it."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = int(found.group(1)) if found else None
+    size = f"{pixels:,} pixels" if pixels else "more pixels"
+    return InputError(f"image {path} has {size}, over the limit of {int(2 * Image.MAX_IMAGE_PIXELS):,} "
+                      f"(Pillow's guard against decompression bombs): tile it, or allow it deliberately "
+                      f"with --max-image-pixels {pixels or 'N'}")
 
 
 def label_values_error(bad, num_classes, where):
@@ -930,10 +991,11 @@ def check_label_values(label, num_classes, where):
         raise label_values_error(bad, num_classes, where)
 
 
-def lut_from_pairs(mapping):
-    """A 256-entry uint8 lookup table raw value -> train id; unmapped values stay as they are (so an
-    unknown class is caught by check_label_values)."""
-    lut = np.arange(256, dtype=np.uint8)
+def lut_from_pairs(mapping, only=False):
+    """A 256-entry lookup table raw value -> train id. Unmapped values stay as they are (so an
+    unknown class is caught by check_label_values), or with only=True are -1: no value of this kind
+    of label file (SegDataset.map_raw refuses them)."""
+    lut = np.full(256, -1, np.int16) if only else np.arange(256, dtype=np.int16)
     for raw, train_id in mapping.items():
         lut[raw] = train_id
     return lut
@@ -1018,30 +1080,65 @@ def require_dir(path, dataset, layout):
         raise InputError(f"{dataset}: missing folder {path} (expected layout: {layout})")
 
 
+def walk_files(folder):
+    """Every file under `folder`, sorted, following symbolic links (a Cityscapes split made of linked
+    city folders) but entering each real folder once: a link loop ends, and two links to one folder
+    do not count its images twice (the first name, in sorted order, is kept)."""
+    seen, found = set(), []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.join(top, name) for name in files]
+    return sorted(found)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def matched_pairs(image_dir, label_dir, image_suffix, label_suffix, dataset, layout):
-    """Every image under image_dir (recursively) ending in image_suffix, with the label at the same
-    relative path under label_dir ending in label_suffix."""
+    """Every image under image_dir (recursively, links followed) ending in image_suffix, with the label
+    at the same relative path under label_dir ending in label_suffix. A folder that holds images of
+    another type only is an InputError saying which type the layout expects."""
     require_dir(image_dir, dataset, layout)
     require_dir(label_dir, dataset, layout)
+    files = walk_files(image_dir)
+    images = [f for f in files if f.endswith(image_suffix)]
+    others = sorted({os.path.splitext(f)[1] for f in files if f.lower().endswith(IMAGE_SUFFIXES)})
+    if not images and others:
+        raise InputError(f"{dataset}: no *{image_suffix} image in {image_dir}, only {', '.join(others)} files: "
+                         f"the layout expects {image_suffix} (expected layout: {layout})")
     pairs = []
-    for folder, _, files in os.walk(image_dir):
-        for name in files:
-            if name.endswith(image_suffix):
-                rel = os.path.relpath(os.path.join(folder, name), image_dir)
-                label = os.path.join(label_dir, rel[: -len(image_suffix)] + label_suffix)
-                if not os.path.isfile(label):
-                    raise InputError(f"{dataset}: no label {label} for image {os.path.join(folder, name)} "
-                                     f"(expected layout: {layout})")
-                pairs.append((os.path.join(folder, name), label))
-    return sorted(pairs)
+    for image in images:
+        rel = os.path.relpath(image, image_dir)
+        label = os.path.join(label_dir, rel[: -len(image_suffix)] + label_suffix)
+        if not os.path.isfile(label):
+            raise InputError(f"{dataset}: no label {label} for image {image} (expected layout: {layout})")
+        pairs.append((image, label))
+    return pairs
+
+
+def read_text_lines(path):
+    """The non-empty lines of a text file as any usual editor saves it: UTF-8 with or without a byte
+    order mark, or UTF-16 with one (Windows' Notepad, PowerShell's `>`); Windows line ends too."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 or UTF-16 text ({e.reason} at byte {e.start})") from None
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
 def listed_pairs(root, list_file, image_pattern, label_pattern, dataset, layout):
     """Pairs named by the ids in a split file, one id per line."""
     if not os.path.isfile(list_file):
         raise InputError(f"{dataset}: missing split file {list_file} (expected layout: {layout})")
-    with open(list_file) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids = [line.split()[0] for line in read_text_lines(list_file)]
     pairs = [(os.path.join(root, image_pattern.format(i)), os.path.join(root, label_pattern.format(i))) for i in ids]
     for path in (p for pair in pairs for p in pair):
         if not os.path.isfile(path):
@@ -1074,7 +1171,7 @@ def cityscapes(root, split):
         return pairs(f"_{kind}_labelTrainIds.png"), None
     except InputError:                                         # no trainIds files: map labelIds on the fly
         return pairs(f"_{kind}_labelIds.png"), lut_from_pairs({i: CITYSCAPES_ID_TO_TRAIN_ID.get(i, IGNORE_INDEX)
-                                                               for i in range(34)})
+                                                               for i in range(34)}, only=True)
 
 
 def ade20k(root, split):

@@ -6,12 +6,17 @@
     python train.py --eval-only --checkpoint runs/galdv1_cityscapes/best.pt --data-root DIR
     python train.py --method galdv2 --backbone resnet50 --crop-size 512 --benchmark --batch-size 1  # costs
     python train.py --compare-methods fcn,galdv1,galdv2 --dataset synthetic --backbone resnet18 --iters 300
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \
+        train.py --resume --out runs/galdv1 --method galdv1 ...        # the same line on every node
+    python train.py --resume --out runs/galdv1                           # after a stop: the flags of last.pt
 
 Under torchrun (RANK is set, one process included) this is DDP: NCCL + SyncBatchNorm on CUDA, gloo + plain BN on CPU
 (SyncBatchNorm does not run on CPU). Only rank 0 prints and writes. Outputs in --out: metrics.jsonl,
 summary.json (last evaluation), last.pt (everything --resume needs) and best.pt (the weights and the
-flags), both written atomically. A checkpoint carries its model's flags: --eval-only and --predict
-with --checkpoint need no model flags. The extras (--benchmark, --against-paper, --compare-methods,
+flags), both written atomically. A checkpoint carries its flags: --eval-only and --predict with
+--checkpoint need no model or data flags, --resume --out DIR no other flag. SIGTERM or SIGINT (a time
+limit, scancel, Ctrl-C) lets the step finish; every rank stops after the same step, rank 0 writes
+last.pt, one line says so, and the exit code is 128 + the signal's number. The extras (--benchmark, --against-paper, --compare-methods,
 --predict, --save-maps, --boundary-f, --levels, --class-uniform, --extra-data) and the crash-safety
 helpers live in tools/; this file only calls them.
 """
@@ -75,6 +80,9 @@ def add_data_args(parser):
     g.add_argument("--synthetic-size", type=common.ranged(int, 16), default=128, help="synthetic image side")
     g.add_argument("--synthetic-length", type=common.ranged(int, 1), default=2000, help="synthetic training images")
     g.add_argument("--synthetic-val-length", type=common.ranged(int, 1), default=50, help="synthetic evaluation images")
+    g.add_argument("--max-image-pixels", type=common.ranged(int, 1), default=common.DEFAULT_IMAGE_PIXELS,
+                   help="larger images are refused (Pillow's guard against decompression bombs): raise it "
+                        "deliberately for large tiles you trust")
 
 
 def add_model_args(parser):
@@ -125,7 +133,10 @@ def add_run_args(parser):
     g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     g.add_argument("--out", help="output folder (default runs/METHOD_DATASET; with --checkpoint, "
                                  "eval-SPLIT/ or predict/ beside it)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt if it exists, with its flags (a flag given replaces its value)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run, replacing its files")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint and stop")
     g.add_argument("--checkpoint", help="a train.py checkpoint: evaluated (--eval-only), used to label "
                                         "(--predict) or trained on from (its flags are then not taken)")
@@ -156,36 +167,138 @@ def build_parser(method=None):
     return parser
 
 
+# What a checkpoint's flags set before the command line does (parse_args). --resume takes every flag
+# of last.pt but RUN_ONLY; --eval-only and --predict take the model flags and, unless another --dataset
+# is given, the split evaluated and how (EVALUATED_ON, EVALUATED_WITH). A flag given always wins, but a
+# model flag given with --eval-only / --predict must agree with the checkpoint.
+RUN_ONLY = ("out", "resume", "overwrite")
+EVALUATED_ON = ("dataset", "data_root", "val_split", "synthetic_size", "synthetic_val_length", "seed")
+EVALUATED_WITH = ("eval_mode", "eval_crop", "eval_stride", "eval_scales", "flip")
+
+
 def parse_args(argv=None):
     """Two passes. The first reads --method (or the checkpoint's) to pick the parser: the common
     flags and that method's group (none with --compare-methods: every compared method keeps its own
-    defaults). The second parses everything; with --eval-only / --predict it starts from the model
-    flags the checkpoint carries (and its dataset and folder, unless given), so that a model flag
-    given on the command line must agree with the checkpoint."""
+    defaults). The second parses everything, starting from the flags a checkpoint carries (above)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--method", "--compare-methods", "--checkpoint"):
-        pre.add_argument(flag)
-    pre.add_argument("--eval-only", action="store_true")
-    pre.add_argument("--predict", nargs="+")
-    known = pre.parse_known_args(argv)[0]
-    saved = checkpoint_flags(known.checkpoint) if known.checkpoint and (known.eval_only or known.predict) else {}
-    parser = build_parser(None if known.compare_methods else known.method or saved.get("method") or "fcn")
-    # a None was written for a flag not given by checkpoints of earlier versions: the default stands for it
-    saved = {dest: value for dest, value in saved.items() if value is not None}
-    carried = {dest: saved[dest] for dest in parser.model_flags + ["dataset", "data_root"] if dest in saved}
-    args = parser.parse_args(argv, argparse.Namespace(**carried))
+    known = pre_parse(argv)
+    source, saved = flags_source(known)
+    method = known.method or saved.get("method") or "fcn"
+    if method not in METHODS and not known.method:
+        raise common.InputError(f"{source} was written by --method {method}, which this version does not have "
+                                f"(it has {', '.join(METHODS)})")
+    parser = build_parser(None if known.compare_methods or method not in METHODS else method)
+    taken = taken_flags(parser, known, saved, source)
+    args = parser.parse_args(argv, argparse.Namespace(**taken))
     if len(args.crop_size) > 2:
         parser.error("argument --crop-size: takes one or two numbers")
     args.crop_size = args.crop_size * 2 if len(args.crop_size) == 1 else args.crop_size
-    for dest in parser.model_flags:
+    given = given_flags(parser, argv)
+    for dest in parser.model_flags if known.eval_only or known.predict else []:
         if dest in saved and getattr(args, dest) != saved[dest]:
-            raise common.InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from "
-                                    f"{known.checkpoint}'s {saved[dest]}: leave the model flags out, the "
-                                    f"checkpoint carries them")
+            raise common.InputError(f"--{flag(dest)} {getattr(args, dest)} differs from {source}'s {saved[dest]}: "
+                                    f"leave the model flags out, the checkpoint carries them")
     args.out = args.out or default_out(args)
     check_flags(args, parser)
+    check_taken(args, source, saved, set(taken) - given)
+    if source and not known.resume:
+        note_unrecorded(args, source, saved, given)
     return args
+
+
+def flag(dest):
+    return dest.replace("_", "-")
+
+
+def pre_parse(argv):
+    """parse_args' first pass: the flags that pick the parser and the checkpoint whose flags are taken."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for name in ("--method", "--compare-methods", "--checkpoint", "--out", "--dataset"):
+        pre.add_argument(name)
+    for name in ("--eval-only", "--resume"):
+        pre.add_argument(name, action="store_true")
+    pre.add_argument("--predict", nargs="+")
+    return pre.parse_known_args(argv)[0]
+
+
+def flags_source(known):
+    """(path, saved flags) of the checkpoint this run starts from: --checkpoint with --eval-only or
+    --predict, OUT/last.pt with --resume (when it exists); (None, {}) otherwise. The None an earlier
+    version saved for a flag not given stands for today's default: it is left out."""
+    if known.checkpoint and (known.eval_only or known.predict):
+        path = known.checkpoint
+    elif known.resume and not known.compare_methods:
+        out = known.out or os.path.join("runs", f"{known.method or 'fcn'}_{known.dataset or 'synthetic'}")
+        path = os.path.join(out, "last.pt")
+    else:
+        return None, {}
+    return path, {dest: value for dest, value in checkpoint_flags(path).items() if value is not None}
+
+
+def taken_flags(parser, known, saved, source):
+    """The saved flags this run starts from (see RUN_ONLY); a value this version does not offer (a
+    method or backbone it does not have) is refused in one line naming the checkpoint."""
+    if known.resume:
+        wanted = {a.dest for a in parser._actions} - set(RUN_ONLY)
+    else:
+        wanted = set(parser.model_flags)
+        if known.dataset in (None, saved.get("dataset")):
+            wanted |= set(EVALUATED_ON + EVALUATED_WITH)
+    taken = {dest: value for dest, value in saved.items() if dest in wanted}
+    for action in parser._actions:
+        if action.dest in taken and action.choices is not None:
+            values = taken[action.dest] if isinstance(taken[action.dest], list) else [taken[action.dest]]
+            unknown = [v for v in values if v not in action.choices]
+            if unknown:
+                raise common.InputError(f"{source} was written with --{flag(action.dest)} {unknown[0]}, which this "
+                                        f"version does not have (it has {', '.join(map(str, action.choices))})")
+    return taken
+
+
+def given_flags(parser, argv):
+    """The dests the command line sets: parsed again over a namespace of markers, which argparse
+    leaves in place for every flag not given."""
+    marker = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: marker for a in parser._actions}))
+    return {dest for dest, value in vars(seen).items() if value is not marker}
+
+
+def check_taken(args, source, saved, taken):
+    """What the flags taken from a checkpoint (`taken`, not given again) mean on this machine: a
+    --device it lacks, a --data-root that is not a folder here (an earlier version saved it relative),
+    and for --eval-only / --predict a --dataset of another class count."""
+    origin = lambda dest: f" (from {source}; give --{flag(dest)} to override)" if dest in taken else ""
+    check_device(args.device, origin("device"))
+    if "data_root" in taken and args.dataset != "synthetic" and not args.predict and not os.path.isdir(args.data_root):
+        relative = "" if os.path.isabs(args.data_root) else ", a relative path read from the current folder"
+        raise common.InputError(f"--data-root {args.data_root} is not a folder here: it comes from {source}"
+                                f"{relative}; give --data-root")
+    trained, classes = saved.get("num_classes"), len(common.dataset_classes(args.dataset))
+    mode = "--eval-only" if args.eval_only else "--predict"
+    if (args.eval_only or args.predict) and trained and trained != classes:
+        raise common.InputError(f"{source} was trained on {trained} classes (--dataset {saved.get('dataset')}) and "
+                                f"--dataset {args.dataset} has {classes}: {mode} needs the classes it was trained on "
+                                f"(training on {args.dataset} from it is --checkpoint {source} --finetune, "
+                                f"without {mode})")
+
+
+def note_unrecorded(args, source, saved, given):
+    """--eval-only / --predict: say which flags that define what is evaluated the checkpoint does not
+    record (a plain state_dict, an earlier version's file) and were not given: their defaults stand."""
+    if "dataset" in given and args.dataset != saved.get("dataset", args.dataset):
+        return                                                 # another dataset: its own flags
+    data = ("synthetic_size", "synthetic_val_length", "seed") if args.dataset == "synthetic" else ("data_root",
+                                                                                                  "val_split")
+    wanted = ("dataset",) + (() if args.predict else data) + EVALUATED_WITH
+    missing = [f"--{flag(dest)}" for dest in wanted if dest not in saved and dest not in given]
+    if not missing or os.environ.get("RANK", "0") != "0":
+        return
+    if not saved:
+        print(f"note: {source} records no flags (a plain state_dict): the defaults stand for those not given",
+              flush=True)
+    else:
+        print(f"note: {source} does not record {', '.join(missing)}: the default{'s' * (len(missing) > 1)} stand"
+              f"{'s' * (len(missing) == 1)}", flush=True)
 
 
 def checkpoint_flags(path):
@@ -210,6 +323,11 @@ def check_flags(args, parser):
     (fixed strides 4, 8, 16, 32) a value other than the default is refused."""
     if args.eval_only and not args.checkpoint:
         raise common.InputError("--eval-only needs --checkpoint (the trained model)")
+    if args.eval_only and args.predict:
+        raise common.InputError("--eval-only and --predict are two runs, each writing beside the checkpoint "
+                                "(eval-SPLIT/, predict/): run one, then the other")
+    if args.resume and args.overwrite:
+        raise common.InputError("--resume continues the run in --out and --overwrite replaces it: give one")
     if args.predict and not args.checkpoint:
         raise common.InputError("--predict needs --checkpoint (the trained model)")
     if args.finetune and (args.eval_only or args.predict or not args.checkpoint):
@@ -261,6 +379,24 @@ class Process:
             print(line, flush=True)
 
 
+def check_device(name, origin=""):
+    """--device NAME (if given) must name a device this machine has: refused in one line otherwise."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise common.InputError(f"--device {name}{origin} is not a device: cpu, cuda, cuda:N or mps") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(torch.backends.mps.is_available())}.get(device.type)
+    if count is None:
+        raise common.InputError(f"--device {name}{origin}: segpapers runs on cpu, cuda or mps")
+    if (device.index or 0) >= count:
+        has = f"{count} {device.type.upper()} device(s)" if count else f"no {device.type.upper()} device"
+        raise common.InputError(f"--device {name}{origin}: this machine has {has} (torch {torch.__version__}); "
+                                f"leave --device out to use what it has, or give --device cpu")
+
+
 def setup_distributed(device_arg):
     """torchrun sets RANK: DDP, NCCL on CUDA, gloo on CPU; otherwise one plain process."""
     if "RANK" not in os.environ:
@@ -287,23 +423,39 @@ def batchnorms(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
-def build(args, proc):
-    """new_model with --freeze-bn, --compile and the weights of --checkpoint applied."""
+def build(args, proc, resuming=False):
+    """new_model with --freeze-bn, --compile and the weights of --checkpoint applied. A resumed run
+    (`resuming`: last.pt replaces every weight) reads neither --pretrained nor --checkpoint."""
+    if resuming:
+        args = argparse.Namespace(**{**vars(args), "pretrained": None, "checkpoint": None})
     model = new_model(args, proc.device)
     for m in batchnorms(model) if args.freeze_bn else []:
         m.requires_grad_(False)                                # --freeze-bn: affine fixed too
     if args.compile:
         costs.compile_forward(model, log=proc.say)
     if args.checkpoint:
-        common.load_weights(model, args.checkpoint, args.finetune)
+        common.load_weights(model, args.checkpoint, args.finetune, can_finetune=not (args.eval_only or args.predict))
     return model
+
+
+PATH_FLAGS = ("data_root", "extra_data", "pretrained", "checkpoint", "out")
+
+
+def saved_flags(args):
+    """The flags a checkpoint records: every parsed flag, its paths made absolute, so that the file
+    is evaluated or resumed from any folder."""
+    flags = vars(args).copy()
+    for dest in PATH_FLAGS:
+        if flags.get(dest):
+            flags[dest] = os.path.abspath(flags[dest])
+    return flags
 
 
 def save_checkpoint(path, model, args, iteration, best_miou, optimizer=None, scaler=None):
     """With an optimizer (last.pt) everything --resume needs; without (best.pt) the weights and the
     flags. Written atomically (tools/crash_safety.py). The CUDA RNG state is that of the model's GPU
     (None on CPU)."""
-    state = {"model": model.state_dict(), "iteration": iteration, "best_miou": best_miou, "args": vars(args).copy()}
+    state = {"model": model.state_dict(), "iteration": iteration, "best_miou": best_miou, "args": saved_flags(args)}
     if optimizer is not None:
         device = next(model.parameters()).device
         state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng_cpu=torch.get_rng_state(),
@@ -324,7 +476,7 @@ def resume(path, raw_model, optimizer, scaler, proc):
                                 f"move it away or use another --out")
     saved = state.get("args") or {}
     try:
-        common.load_state(raw_model, common.weights_in(state, path), path)
+        common.load_state(raw_model, common.weights_in(state, path), path, can_finetune=False)
         optimizer.load_state_dict(state["optimizer"])
     except (common.InputError, ValueError) as e:
         was = f" (it was written by --method {saved.get('method')} --backbone {saved.get('backbone')})" if saved else ""
@@ -448,6 +600,15 @@ def set_training_mode(model, freeze_bn):
         m.eval()
 
 
+def next_batch(batches, args, proc):
+    """The loader's next (images, labels) on this process's device (NHWC with --channels-last)."""
+    images, labels = next(batches)
+    images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
 def train_step(model, raw_model, optimizer, scaler, images, labels, args):
     """One SGD step; returns the loss terms as detached device tensors: nothing here waits for the
     GPU (train() reads them, and checks they are finite, only at logging and saving)."""
@@ -467,75 +628,108 @@ def progress_line(it, args, losses, lr, speed):
     return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
 
 
-def train(args, proc, model, optimizer, scaler, train_set, val_set, start_iter, best):
-    """Iterations start_iter .. --iters, evaluated every --eval-every and at the end; returns the last
-    metrics. last.pt is written every --save-every, before every evaluation and at the end, and only
-    after the loss was checked finite. A resumed run that had already finished is evaluated once
-    (its training speed is the one its summary.json recorded)."""
-    raw_model = model.module if isinstance(model, DDP) else model
+@dataclass
+class Start:
+    """Where training begins: last.pt's iteration (0 for a fresh run), the best mIoU so far, and whether
+    the evaluation due at that iteration is in metrics.jsonl (a stop may have come before it)."""
+    iteration: int = 0
+    best: float = -1.0
+    evaluated: bool = True
+
+
+def evaluate_and_keep_best(raw_model, val_set, args, done, speed, proc, best, optimizer, scaler):
+    """record_evaluation; a new best mIoU (rank 0) writes best.pt and last.pt. Returns (metrics, best)."""
+    metrics = record_evaluation(raw_model, val_set, args, done, speed, proc)
+    if proc.master and metrics["mIoU"] > best:
+        best = metrics["mIoU"]
+        save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, args, done, best)
+        save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
+    return metrics, best
+
+
+def log_progress(proc, args, it, losses, lr, speed, labelled):
+    values = {k: v.item() for k, v in losses.items()}
+    warning = "" if labelled else " | warning: no labelled pixel in these batches"
+    log(proc, args, {"iter": it + 1, "lr": lr, **values}, progress_line(it, args, values, lr, speed) + warning)
+
+
+def train(args, proc, model, optimizer, scaler, data, start, stop):
+    """Iterations start.iteration .. --iters, evaluated every --eval-every and at the end; returns the
+    last metrics. last.pt is written every --save-every, before every evaluation, at the end, and on
+    SIGTERM / SIGINT after the step in progress (every rank stops after the same one: crash_safety.Stop),
+    always after the loss, weights and buffers were checked finite. A resumed run first evaluates what
+    its last.pt was due; one that had already finished is evaluated once (its training speed is the
+    one its summary.json recorded)."""
+    raw_model, (train_set, val_set) = model.module if isinstance(model, DDP) else model, data
+    start_iter, best, last = start.iteration, start.best, os.path.join(args.out, "last.pt")
+    eval_every, metrics, labelled_in_epoch = args.eval_every or args.iters, None, 0
     if start_iter >= args.iters:
         return record_evaluation(raw_model, val_set, args, start_iter, stored_train_speed(args), proc)
+    during = lambda it: f" during the evaluation at iteration {it}: {last} (iteration {it}) is intact; " \
+                        f"continue with --resume --out {args.out}"
+    if start_iter > 0 and start_iter % eval_every == 0 and not start.evaluated:
+        with stop.at_once(during(start_iter)):
+            metrics, best = evaluate_and_keep_best(raw_model, val_set, args, start_iter, None, proc, best,
+                                                   optimizer, scaler)
     loader, per_epoch = train_loader(args, train_set, start_iter, proc)
-    batches, tic, metrics, health = iter(loader), time.time(), None, crash_safety.Health(proc.device)
-    eval_every, labelled_in_epoch = args.eval_every or args.iters, 0
+    batches, tic, health = iter(loader), time.time(), crash_safety.Health(proc.device)
     set_training_mode(raw_model, args.freeze_bn)
-    for it in range(start_iter, args.iters):
-        lr = common.poly_lr(args.lr, it, args.iters, args.poly_power, args.warmup_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, labels = next(batches)
-        images, labels = images.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        losses = train_step(model, raw_model, optimizer, scaler, images, labels, args)
-        health.add(it, losses["total"], labels)
-        done, evaluating = it + 1, (it + 1) % eval_every == 0 or it + 1 == args.iters
-        saving = evaluating or done % args.save_every == 0
-        if done % args.log_every == 0 or saving or done - start_iter == per_epoch:
-            labelled = health.check(args, proc.world)
-            labelled_in_epoch += labelled
-            if done % args.log_every == 0 or done == args.iters:
-                speed = (done - start_iter) / (time.time() - tic)
-                values = {k: v.item() for k, v in losses.items()}
-                warning = "" if labelled else " | warning: no labelled pixel in these batches"
-                log(proc, args, {"iter": done, "lr": lr, **values},
-                    progress_line(it, args, values, lr, speed) + warning)
-            if done - start_iter == per_epoch and labelled_in_epoch == 0:
-                raise common.InputError(f"a whole epoch ({per_epoch} iterations) of {train_set.name} held no "
-                                        f"labelled pixel (every label is {common.IGNORE_INDEX}): nothing trains")
-        if proc.master and saving:
-            save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
-        if evaluating:
-            eval_start = time.time()
-            speed = round((done - start_iter) / (eval_start - tic), 3)
-            metrics = record_evaluation(raw_model, val_set, args, done, speed, proc)
-            set_training_mode(raw_model, args.freeze_bn)
-            if proc.master and metrics["mIoU"] > best:
-                best = metrics["mIoU"]
-                save_checkpoint(os.path.join(args.out, "best.pt"), raw_model, args, done, best)
-                save_checkpoint(os.path.join(args.out, "last.pt"), raw_model, args, done, best, optimizer, scaler)
-            tic += time.time() - eval_start                    # evaluation is not training time
+    with stop.deferring():
+        for it in range(start_iter, args.iters):
+            lr = common.poly_lr(args.lr, it, args.iters, args.poly_power, args.warmup_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, labels = next_batch(batches, args, proc)
+            losses = train_step(model, raw_model, optimizer, scaler, images, labels, args)
+            health.add(it, losses["total"], labels)
+            done, evaluating = it + 1, (it + 1) % eval_every == 0 or it + 1 == args.iters
+            signum = stop.agreed(now=evaluating or done % args.save_every == 0)
+            saving = evaluating or done % args.save_every == 0 or signum
+            if done % args.log_every == 0 or saving or done - start_iter == per_epoch:
+                labelled = health.check(args, proc.world, done, raw_model if saving else None)
+                labelled_in_epoch += labelled
+                if done % args.log_every == 0 or done == args.iters:
+                    log_progress(proc, args, it, losses, lr, (done - start_iter) / (time.time() - tic), labelled)
+                if done - start_iter == per_epoch and labelled_in_epoch == 0:
+                    raise common.InputError(f"a whole epoch ({per_epoch} iterations) of {train_set.name} held no "
+                                            f"labelled pixel (every label is {common.IGNORE_INDEX}): nothing trains")
+            if proc.master and saving:
+                save_checkpoint(last, raw_model, args, done, best, optimizer, scaler)
+            if signum:
+                if proc.distributed:
+                    dist.barrier()                             # every rank ends after rank 0 wrote last.pt
+                raise crash_safety.Stopped(signum, f" after iteration {done} of {args.iters}: {last} written; "
+                                                   f"continue with --resume --out {args.out}")
+            if evaluating:
+                eval_start = time.time()
+                speed = round((done - start_iter) / (eval_start - tic), 3)
+                with stop.at_once(during(done)):
+                    metrics, best = evaluate_and_keep_best(raw_model, val_set, args, done, speed, proc, best,
+                                                           optimizer, scaler)
+                set_training_mode(raw_model, args.freeze_bn)
+                tic += time.time() - eval_start                # evaluation is not training time
     return metrics
 
 
-def run(args, proc):
-    """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics)."""
-    crash_safety.check_out_folder(args.out)
-    proc.say(f"writing to {os.path.abspath(args.out)}")
-    if args.predict:                                           # tools/predict.py: no dataset is read
-        args.num_classes = len(common.dataset_classes(args.dataset))
-        model = build(args, proc)
-        return model, predict.predict(model, args, proc.rank, proc.world, proc.device)
+def evaluate_checkpoint(args, proc):
+    """--eval-only: the metrics of --checkpoint on the evaluated split, written to OUT/summary.json."""
     train_set, val_set = common.build_datasets(args)
     args.num_classes = train_set.num_classes
     raw_model = build(args, proc)
-    if args.eval_only:
-        metrics = evaluate(raw_model, val_set, args, proc)
-        if proc.master:
-            print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
-            write_summary(args, metrics, None)
-            print(f"wrote {os.path.join(args.out, 'summary.json')}")
-        return raw_model, metrics
+    metrics = evaluate(raw_model, val_set, args, proc)
+    if proc.master:
+        print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
+        write_summary(args, metrics, None)
+        print(f"wrote {os.path.join(args.out, 'summary.json')}")
+    return raw_model, metrics
+
+
+def train_run(args, proc, stop):
+    """Training, from scratch, --checkpoint or OUT/last.pt (--resume); returns (model, last metrics)."""
+    train_set, val_set = common.build_datasets(args)
+    args.num_classes = train_set.num_classes
+    last, start = os.path.join(args.out, "last.pt"), Start()
+    raw_model = build(args, proc, resuming=args.resume and os.path.isfile(last))
     check_labels(val_set, proc)
     model = raw_model
     if proc.distributed:                                       # torchrun, even --nproc_per_node=1
@@ -545,23 +739,42 @@ def run(args, proc):
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=args.amp == "fp16")
-    start_iter, best = 0, -1.0
-    last = os.path.join(args.out, "last.pt")
     if args.resume and os.path.isfile(last):
-        start_iter, best = resume(last, raw_model, optimizer, scaler, proc)
-        if proc.master:
-            crash_safety.drop_cut_line(os.path.join(args.out, "metrics.jsonl"))
+        start.iteration, start.best = resume(last, raw_model, optimizer, scaler, proc)
+    if args.resume:                                            # what a resumed run logs again is dropped
+        start.evaluated = crash_safety.resume_log(os.path.join(args.out, "metrics.jsonl"), start.iteration,
+                                                  rewrite=proc.master)
     if proc.world > 1:
         # each rank its own dropout masks: a seed from (--seed, start iteration, rank), set after the
         # model is built (DDP broadcasts rank 0's weights) and after a resume (the checkpoint holds
         # rank 0's RNG state only); one process keeps the stream of --seed (or of last.pt)
-        torch.manual_seed((args.seed * 1000003 + start_iter) * 1024 + proc.rank)
+        torch.manual_seed((args.seed * 1000003 + start.iteration) * 1024 + proc.rank)
     n_params = sum(p.numel() for p in raw_model.parameters())
     proc.say(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {proc.world} process(es)"
              f"{' (DDP)' if isinstance(model, DDP) else ''}, {proc.device}")
-    metrics = train(args, proc, model, optimizer, scaler, train_set, val_set, start_iter, best)
-    proc.say(f"wrote {', '.join(sorted(os.listdir(args.out)))} in {args.out}")
+    metrics = train(args, proc, model, optimizer, scaler, (train_set, val_set), start, stop)
+    written = sorted(name for name in os.listdir(args.out) if not name.startswith("."))
+    proc.say(f"wrote {', '.join(written)} in {args.out}")
     return raw_model, metrics
+
+
+def run(args, proc):
+    """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics). SIGTERM and
+    SIGINT end it in one line (crash_safety.Stop): training after its step, with last.pt written."""
+    crash_safety.check_out_folder(args.out)
+    proc.say(f"writing to {os.path.abspath(args.out)}")
+    with crash_safety.Stop(proc.device, proc.distributed) as stop:
+        if args.predict:                                       # tools/predict.py: no dataset is read
+            with stop.at_once(f" during --predict: the labels written so far stay in {args.out}"):
+                args.num_classes = len(common.dataset_classes(args.dataset))
+                model = build(args, proc)
+                return model, predict.predict(model, args, proc.rank, proc.world, proc.device)
+        if args.eval_only:
+            with stop.at_once(" during --eval-only: nothing was written"):
+                return evaluate_checkpoint(args, proc)
+        with stop.at_once(f" before training began: {args.out} is as it was"):
+            with crash_safety.claim_out_folder(args.out, args.resume, args.overwrite, proc.master):
+                return train_run(args, proc, stop)
 
 
 def main(argv=None):
@@ -570,6 +783,7 @@ def main(argv=None):
     and each row's figures); --compare-methods (None, its rows)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    common.allow_image_pixels(args.max_image_pixels)
     proc = setup_distributed(args.device)
     if args.compare_methods:                                   # tools/costs.py: each method trained, one table
         return None, costs.compare_methods(args, compared_runs(args), lambda a: run(a, proc), proc.world, proc.master)
@@ -589,13 +803,21 @@ def error_message(e):
 
 
 def cli(argv=None):
-    """The command line: bad input prints one line (`error: ...`) and exits with 2, no traceback."""
+    """The command line: bad input prints one line (`error: ...`) and exits with 2, no traceback; a
+    run stopped by SIGTERM or SIGINT prints one line (rank 0) and exits with 128 + the signal's number."""
     try:
         main(argv)
         return 0
     except common.InputError as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
+    except crash_safety.Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:                                  # Ctrl-C outside a run: parsing, --benchmark
+        print("stopped by SIGINT", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

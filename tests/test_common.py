@@ -490,3 +490,15 @@ def test_blur_blurs_every_crop_with_the_codes_sigma_range(monkeypatch):
     for seed in range(40):
         transform(image, label, np.random.default_rng(seed))
     assert len(radii) == 40 and 0.15 <= min(radii) and max(radii) <= 1.30 and max(radii) > 1.15
+
+
+def test_confusion_matrix_refuses_predictions_and_labels_outside_the_classes():
+    label = torch.tensor([[0, 1, 255], [2, 1, 0]])
+    for pred, bad in ((torch.tensor([[0, 3, 0], [2, 1, 0]]), r"predictions \[3\]"),
+                      (torch.tensor([[0, -1, 0], [2, 1, 0]]), r"predictions \[-1\]")):
+        with pytest.raises(ValueError, match=rf"must lie in \[0, 3\).*{bad}"):
+            common.confusion_matrix(pred, label, 3)
+    with pytest.raises(ValueError, match=r"labels \[7\]"):
+        common.confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 7, 255], [2, 1, 0]]), 3)
+    pred = torch.tensor([[0, 1, 9], [2, 1, 0]])                          # an ignored pixel's prediction is not counted
+    assert common.confusion_matrix(pred, label, 3).sum() == 5

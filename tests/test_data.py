@@ -108,7 +108,8 @@ def mapillary_files(root, split, i):
 # value outside the classes; the class count; the path whose absence makes the val split missing.
 LAYOUTS = {
     "cityscapes": dict(files=cityscapes_files, mapping={0: 255, 1: 255, 7: 0, 8: 1, 26: 13, 33: 18},
-                       bad=34, classes=19, missing=lambda r: os.path.join(r, "gtFine", "val")),
+                       bad=34, classes=19, missing=lambda r: os.path.join(r, "gtFine", "val"),
+                       error=r"values \[34\] where a cityscapes label file of its kind holds only 0..33"),
     "ade20k": dict(files=ade20k_files, mapping={0: 255, 1: 0, 75: 74, 150: 149, 255: 255},
                    bad=151, classes=150, missing=lambda r: os.path.join(r, "annotations", "validation")),
     "pascal_context59": dict(files=pascal_files, mapping={0: 255, 1: 0, 30: 29, 59: 58, 255: 255}, bad=60,
@@ -186,7 +187,7 @@ def test_an_unknown_raw_value_is_an_input_error_naming_the_file(name, tmp_path):
     write_label(label, raw, palette=name.startswith("mapillary"))
     ds = common.file_dataset(name, root, "train")
     for read in (ds.load, ds.load_label):
-        with pytest.raises(common.InputError, match=f"outside the {spec['classes']} classes") as e:
+        with pytest.raises(common.InputError, match=spec.get("error", f"outside the {spec['classes']} classes")) as e:
             read(0)
         assert label in str(e.value), f"{name}: the error does not name the label file: {e.value}"
 
@@ -339,9 +340,10 @@ def test_class_uniform_share_per_epoch_is_int_n_p_over_k_per_present_class(P):
 
 
 def class_uniform_run(root, out):
+    """A one-iteration class-uniform run in `out` (a run there before is replaced; its caches stay)."""
     train.main(["--dataset", "camvid", "--data-root", root, "--backbone", "resnet18", "--head-channels", "16",
                 "--crop-size", "16", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--iters", "1",
-                "--class-uniform", "1.0", "--class-uniform-tile", "16", "--out", out])
+                "--class-uniform", "1.0", "--class-uniform-tile", "16", "--overwrite", "--out", out])
     return sorted(f for f in os.listdir(out) if f.startswith("class_uniform_camvid_6_16_"))
 
 
@@ -481,7 +483,7 @@ def test_predict_keeps_images_with_the_same_name_apart(trained, tmp_path):
                                    f"one auto-label overwrites the other and pairs.txt gives both images one label")
 
 
-def test_predict_label_ids_for_the_cityscapes_server(tmp_path):
+def test_predict_label_ids_for_the_cityscapes_server(tmp_path, capsys):
     argv = ["--method", "fcn", "--dataset", "cityscapes", "--backbone", "resnet18", "--head-channels", "16",
             "--workers", "0", "--device", "cpu"]
     torch.manual_seed(0)
@@ -504,6 +506,9 @@ def test_predict_label_ids_for_the_cityscapes_server(tmp_path):
     label, ids = png(os.path.join(out, "labels", name)), png(os.path.join(out, "labelIds", name))
     assert set(np.unique(label)) == {0, 13, 255}, f"setup: expected train ids 0, 13 and 255, got {np.unique(label)}"
     assert (ids[label == 0] == 7).all() and (ids[label == 13] == 26).all() and (ids[label == 255] == 0).all()
+    printed = capsys.readouterr().out                                    # id 0 counts as a miss: said
+    assert f"note: {(label == 255).sum():,} pixels below --min-confidence {T} are id 0 (unlabeled)" in printed
+    assert f"CITYSCAPES_RESULTS={os.path.join(out, 'labelIds')}" in printed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,3 +772,71 @@ def test_cityscapes_train_extra_reads_the_coarse_annotations(tmp_path):
     np.testing.assert_array_equal(ds.load(0)[1], mapped(raw, LAYOUTS["cityscapes"]["mapping"]))
     with pytest.raises(common.InputError, match="gtFine"):
         common.file_dataset("cityscapes", root, "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Real data as users have it (issue 26)
+
+
+def test_a_16_bit_grayscale_image_keeps_its_range_instead_of_turning_white(tmp_path):
+    values = (np.arange(20 * 24).reshape(20, 24) * 137 % 65536).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "thermal.png")
+    assert Image.open(tmp_path / "thermal.png").mode.startswith("I")
+    rgb = np.asarray(common.read_image(str(tmp_path / "thermal.png")))
+    expected = np.rint(values / 257).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], expected)
+
+
+def test_cityscapes_city_folders_that_are_links_are_followed_once(tmp_path):
+    """A small Cityscapes made of linked city folders: every linked city is read, a link loop ends, and
+    two links to one city do not count its images twice."""
+    full, small = str(tmp_path / "full"), tmp_path / "small"
+    make_tree("cityscapes", full)                                        # val: aachen (0), bochum (1)
+    for kind in ("leftImg8bit", "gtFine"):
+        os.makedirs(small / kind / "val")
+        for city in CITIES:
+            os.symlink(os.path.join(full, kind, "val", city), small / kind / "val" / city)
+        os.symlink(os.path.join(full, kind, "val", "aachen"), small / kind / "val" / "zz_aachen_again")
+        os.symlink(small / kind / "val", os.path.join(full, kind, "val", "bochum", "loop"))
+    ds = common.file_dataset("cityscapes", str(small), "val")
+    assert [os.path.basename(i) for i, _ in ds.pairs] == ["aachen_000000_000019_leftImg8bit.png",
+                                                          "bochum_000001_000019_leftImg8bit.png"]
+
+
+@pytest.mark.parametrize("encoding,bom", [("utf-8-sig", b""), ("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff")])
+def test_split_lists_saved_by_windows_editors_read_as_their_ids(tmp_path, encoding, bom):
+    """Notepad's UTF-8 with a byte order mark, PowerShell's `>` (UTF-16 with one), Windows line ends."""
+    root = str(tmp_path / "pc")
+    make_tree("pascal_context59", root)
+    text = "".join(pascal_id("train", i) + "\r\n" for i in range(3))
+    with open(pascal_split_file(root, "train"), "wb") as f:
+        f.write(bom + text.encode(encoding))
+    assert len(common.file_dataset("pascal_context59", root, "train")) == 3
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_bytes(("a.png labels/a.png\r\n").encode("utf-16"))
+    assert predict.read_pairs(str(pairs)) == [("a.png", "labels/a.png")]
+
+
+def test_ade20k_with_png_images_says_that_jpg_is_expected(tmp_path):
+    root = str(tmp_path / "ade")
+    make_tree("ade20k", root)
+    folder = os.path.join(root, "images", "training")
+    for name in os.listdir(folder):
+        Image.open(os.path.join(folder, name)).save(os.path.join(folder, name[:-4] + ".png"))
+        os.remove(os.path.join(folder, name))
+    with pytest.raises(common.InputError, match=r"ade20k: no \*\.jpg image in .*training, only \.png files: the "
+                                                r"layout expects \.jpg"):
+        common.file_dataset("ade20k", root, "train")
+
+
+@pytest.mark.parametrize("value", [40, 255])
+def test_a_label_ids_file_with_a_value_past_the_34_ids_names_them(tmp_path, value):
+    root = str(tmp_path / "cs")
+    (image, label, raw), = make_tree("cityscapes", root, (("train", 1),))["train"]
+    raw = raw.copy()
+    raw[3, 4] = value
+    write_label(label, raw)
+    with pytest.raises(common.InputError, match=rf"{label}.*values \[{value}\] where a cityscapes label file of "
+                                                r"its kind holds only 0..33"):
+        common.file_dataset("cityscapes", root, "train").load_label(0)

@@ -167,7 +167,7 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_previous_checkpo
     fails(capsys, TINY + ["--iters", "4", "--resume", "--save-every", "1", "--out", str(out)],
           str(out / "last.pt"), "No space left on device", "the previous one is kept")
     monkeypatch.setattr(torch, "save", real_save)
-    assert (out / "last.pt").read_bytes() == before and not (out / "last.pt.tmp").exists()
+    assert (out / "last.pt").read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,3 +302,233 @@ def test_an_unknown_split_names_the_splits_and_train_plus_val_joins_two(tmp_path
     both = common.file_dataset("camvid", str(tmp_path / "cv"), "train+val")
     parts = [common.file_dataset("camvid", str(tmp_path / "cv"), s).pairs for s in ("train", "val")]
     assert both.pairs == parts[0] + parts[1] and len(both) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 26: SIGTERM and SIGINT, shared folders, poisoned checkpoints, devices, checkpoint flags
+
+
+def lines(out):
+    """The iterations of metrics.jsonl: (training records, evaluation records)."""
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return [r["iter"] for r in records if "total" in r], [r["iter"] for r in records if "mIoU" in r]
+
+
+def stopped(capsys, argv, signum, *expected):
+    """The command line stopped by a signal: exit code 128 + its number, one line, no traceback."""
+    try:
+        code = train.cli(argv)
+    except KeyboardInterrupt:                                # not caught: fail this test, not the session
+        pytest.fail("SIGINT reached the caller as a KeyboardInterrupt")
+    assert code == 128 + signum
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"stopped by {signal.Signals(signum).name}"), err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+
+
+@pytest.fixture
+def no_sigterm_death(monkeypatch):
+    """SIGTERM to this test process raises instead of killing pytest (if train.py did not catch it)."""
+    def uncaught(signum, frame):
+        raise RuntimeError("SIGTERM was not caught by train.py")
+    previous = signal.signal(signal.SIGTERM, uncaught)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def signal_at_step(monkeypatch, step, signum):
+    """train_step sends `signum` to this process during step `step` (1-based), as a cluster or a
+    terminal would; returns the list of steps taken."""
+    calls, real_step = [], train.train_step
+
+    def step_with_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", step_with_signal)
+    return calls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_writes_last_pt_and_resume_needs_only_out(tmp_path, monkeypatch, capsys,
+                                                                              no_sigterm_death, signum):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        calls = signal_at_step(patch, 2, signum)
+        stopped(capsys, TINY + ["--iters", "4", "--out", str(out)], signum, "after iteration 2 of 4",
+                str(out / "last.pt"), f"--resume --out {out}")
+    assert len(calls) == 2 and torch.load(out / "last.pt", weights_only=True)["iteration"] == 2
+    assert lines(out) == ([1, 2], [])
+    assert train.cli(["--resume", "--out", str(out)]) == 0                    # every other flag from last.pt
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["iteration"] == 4 and state["args"]["backbone"] == "resnet18"
+    assert lines(out) == ([1, 2, 3, 4], [4])
+
+
+def test_ctrl_c_during_an_evaluation_is_one_line_and_the_resume_evaluates_it(run, tmp_path, monkeypatch, capsys):
+    out, real_evaluate = tmp_path / "run", train.evaluate
+
+    def interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*a, **k)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", interrupted)
+        stopped(capsys, TINY + ["--iters", "2", "--eval-every", "1", "--out", str(out)], signal.SIGINT,
+                "during the evaluation at iteration 1", f"{out / 'last.pt'} (iteration 1) is intact")
+        stopped(capsys, TINY + ["--eval-only", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "e")],
+                signal.SIGINT, "during --eval-only")
+    assert train.cli(["--resume", "--out", str(out)]) == 0
+    assert lines(out) == ([1, 2], [1, 2])                                      # the missed evaluation first
+
+
+def test_non_finite_buffers_are_never_saved_as_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A BatchNorm's running_var turns infinite at step 3 while the loss stays finite (a BN in training
+    mode normalises by the batch's statistics): the run stops there, and last.pt stays at 2."""
+    calls, real_step = [], train.train_step
+
+    def poisoning_step(model, raw_model, *a, **k):
+        calls.append(1)
+        losses = real_step(model, raw_model, *a, **k)
+        if len(calls) == 3:
+            raw_model.backbone.bn1.running_var.fill_(float("inf"))
+        return losses
+    monkeypatch.setattr(train, "train_step", poisoning_step)
+    out = tmp_path / "run"
+    fails(capsys, TINY + ["--iters", "5", "--save-every", "1", "--out", str(out)], "not finite after iteration 3",
+          "backbone.bn1.running_var", f"the last good checkpoint is {out / 'last.pt'}")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["iteration"] == 2 and all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(run, tmp_path, capsys):
+    before = snapshot(run)
+    fails(capsys, TINY + ["--iters", "2", "--out", str(run)], f"--out {run} already holds a run", "--resume",
+          "--overwrite")
+    assert snapshot(run) == before
+    import fcntl
+    with open(run / ".lock", "a+") as lock:                                   # a run in progress holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(capsys, TINY + ["--iters", "3", "--resume", "--out", str(run)], f"--out {run} is in use by a running run")
+    assert snapshot(run) == before
+    out = tmp_path / "again"
+    out.mkdir()
+    for name in ("last.pt", "metrics.jsonl"):
+        (out / name).write_bytes((run / name).read_bytes())
+    assert train.cli(TINY + ["--iters", "1", "--overwrite", "--out", str(out)]) == 0
+    assert lines(out) == ([1], [1]) and torch.load(out / "last.pt", weights_only=True)["iteration"] == 1
+
+
+def test_temporary_files_are_unique_to_their_writer(tmp_path):
+    """Two runs writing one file never share a temporary name: another writer's file is left alone."""
+    from tools import crash_safety
+    for name, write in (("last.pt", lambda p: crash_safety.atomic_save({"a": torch.zeros(1)}, p)),
+                        ("summary.json", lambda p: crash_safety.write_json(p, {"mIoU": 1.0}))):
+        other = tmp_path / f"{name}.tmp"
+        other.write_bytes(b"another run's half-written file")
+        write(str(tmp_path / name))
+        assert other.read_bytes() == b"another run's half-written file"
+        left = [f for f in os.listdir(tmp_path) if f.startswith(f"{name}.") and f != other.name]
+        assert (tmp_path / name).exists() and not left, left
+
+
+def test_out_removed_mid_run_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    out, calls, real_step = tmp_path / "run", [], train.train_step
+
+    def removing_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            import shutil
+            shutil.rmtree(out)
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", removing_step)
+    fails(capsys, TINY + ["--iters", "4", "--out", str(out)], str(out / "metrics.jsonl"), "was --out removed?")
+
+
+@pytest.mark.parametrize("device,expected", [("nonsense", "is not a device"), ("cuda", "has no CUDA device"),
+                                             ("cuda:3", "has no CUDA device"), ("mps", "has no MPS device"),
+                                             ("xla", "runs on cpu, cuda or mps")])
+def test_a_device_this_machine_lacks_is_one_line(capsys, monkeypatch, device, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)            # as on a machine without a GPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    argv = TINY[:]
+    argv[argv.index("--device") + 1] = device
+    fails(capsys, argv + ["--iters", "1"], f"--device {device}", expected)
+
+
+def edited_checkpoint(run, path, **flags):
+    """best.pt of `run` with some of its saved flags replaced (None: removed)."""
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["args"].update(flags)
+    state["args"] = {k: v for k, v in state["args"].items() if v is not None}
+    torch.save(state, path)
+    return str(path)
+
+
+def test_a_checkpoint_naming_what_this_version_lacks_is_one_line(run, tmp_path, capsys):
+    for flag, value in (("method", "segformer"), ("backbone", "resnet152"), ("dataset", "kitti")):
+        path = edited_checkpoint(run, tmp_path / f"{flag}.pt", **{flag: value})
+        fails(capsys, ["--eval-only", "--checkpoint", path], path, f"--{flag} {value}", "this version does not have")
+        fails(capsys, ["--predict", ROOT, "--checkpoint", path], path, f"--{flag} {value}")
+    os.makedirs(tmp_path / "r")
+    edited_checkpoint(run, tmp_path / "r" / "last.pt", backbone="resnet152")
+    fails(capsys, ["--resume", "--out", str(tmp_path / "r")], str(tmp_path / "r" / "last.pt"), "--backbone resnet152")
+
+
+def test_eval_only_evaluates_the_split_the_checkpoint_was_evaluated_on(run, tmp_path, capsys):
+    """--synthetic-size 40 and --synthetic-val-length 2 (and the seed) define the run's evaluation
+    split: --eval-only takes them from the checkpoint, and says which flags a checkpoint lacks."""
+    summary = json.load(open(run / "summary.json"))
+    _, metrics = train.main(["--eval-only", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--workers", "0",
+                             "--out", str(tmp_path / "e")])
+    assert metrics["mIoU"] == summary["mIoU"] and metrics["aAcc"] == summary["aAcc"]
+    older = edited_checkpoint(run, tmp_path / "older.pt", synthetic_size=None, flip=None)
+    capsys.readouterr()
+    assert train.cli(["--eval-only", "--checkpoint", older, "--device", "cpu", "--workers", "0",
+                      "--out", str(tmp_path / "o")]) == 0
+    assert f"note: {older} does not record --synthetic-size, --flip: the defaults stand" in capsys.readouterr().out
+
+
+def test_eval_only_and_predict_together_are_refused(run, capsys):
+    fails(capsys, ["--eval-only", "--predict", ROOT, "--checkpoint", str(run / "best.pt")], "--eval-only and --predict")
+
+
+def test_a_checkpoints_data_root_that_is_not_a_folder_here_says_where_it_came_from(run, tmp_path, monkeypatch, capsys):
+    camvid_tree(tmp_path / "cv")
+    path = edited_checkpoint(run, tmp_path / "old.pt", dataset="camvid", data_root="cv", num_classes=11)
+    monkeypatch.chdir(tmp_path / "cv")                                        # not where it was trained
+    fails(capsys, ["--eval-only", "--checkpoint", path], "--data-root cv is not a folder here", f"it comes from {path}",
+          "relative", "give --data-root")
+    fails(capsys, TINY + ["--eval-only", "--dataset", "camvid", "--checkpoint", str(run / "best.pt"), "--data-root",
+                          str(tmp_path / "cv")], "trained on 6 classes", "camvid has 11", "without --eval-only")
+    assert train.saved_flags(train.parse_args(TINY + ["--data-root", "cv"]))["data_root"] == str(tmp_path / "cv" / "cv")
+
+
+def test_a_huge_image_names_the_pixel_limit_and_the_flag_that_allows_it(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)    # restored after the test
+    Image.new("RGB", (40, 30)).save(tmp_path / "tile.png")                    # 1,200 pixels
+    argv = ["--predict", str(tmp_path / "tile.png"), "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "p")]
+    fails(capsys, argv + ["--max-image-pixels", "1000"], str(tmp_path / "tile.png"), "1,200 pixels",
+          "over the limit of 1,000", "--max-image-pixels 1200")
+    assert train.cli(argv + ["--max-image-pixels", "1200"]) == 0
+
+
+def test_a_full_disk_during_predict_is_one_line_and_keeps_what_was_written(run, tmp_path, monkeypatch, capsys):
+    for name in ("a", "b"):
+        Image.new("RGB", (24, 20)).save(tmp_path / f"{name}.png")
+    out, real_save, calls = tmp_path / "p", Image.Image.save, []
+
+    def disk_full(image, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 5:                                                   # b's colour image
+            with open(path, "wb") as f:
+                f.write(b"half a png")
+            raise OSError(28, "No space left on device")
+        return real_save(image, path, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    fails(capsys, ["--predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--checkpoint", str(run / "best.pt"),
+                   "--out", str(out)], f"cannot write {out / 'color' / 'b.png'} (No space left on device)",
+          "the 1 of 2 images labelled before it are kept")
+    assert sorted(os.listdir(out / "labels")) == ["a.png", "b.png"] and os.listdir(out / "color") == ["a.png"]

@@ -12,11 +12,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import train  # noqa: E402
+from tools import gpu_check  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 SCRIPTS = {"train.py": []}
 METHOD_PLACEHOLDERS = {"METHOD", "NAME"}                   # run with every method in its place
-LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone", "--index-url"}   # torchrun's and pip's own
+LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+                  "--index-url", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--signal"}  # torchrun, pip, SLURM
 
 
 def readme_text():
@@ -86,10 +88,10 @@ def test_every_readme_command_parses():
 
 
 def known_flags():
-    """Every option string of the common parser and of each method's parser."""
+    """Every option string of the common parser, of each method's parser and of tools/gpu_check.py."""
     flags = set()
-    for method in train.METHODS:
-        for action in train.build_parser(method)._actions:
+    for parser in [train.build_parser(method) for method in train.METHODS] + [gpu_check.build_parser()]:
+        for action in parser._actions:
             flags.update(action.option_strings)
     return flags
 

@@ -40,7 +40,8 @@ def import_graph():
 def test_the_project_modules_are_what_the_readme_lists():
     assert set(project_modules()) == {"common", "train", *METHOD_FILES, "tools.costs", "tools.predict",
                                       "tools.boundary_f", "tools.sampling", "tools.convert_nvidia",
-                                      "tools.paper_costs", "tools.crash_safety", "tools.levels"}
+                                      "tools.paper_costs", "tools.crash_safety", "tools.levels",
+                                      "tools.gpu_check"}
 
 
 def test_imports_flow_one_way():

@@ -1,7 +1,10 @@
 """train.py end to end on tiny synthetic runs: learning, exact resume, CPU DDP, clear errors."""
+import contextlib
+import io
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,13 +41,18 @@ def test_a_few_iterations_lower_the_loss(tmp_path):
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    """Killed (an exception, as SIGKILL leaves no handler a chance) in the 5th step, after logging the
+    4th and saving the 3rd, with a line cut short: the resumed run ends with the uninterrupted run's
+    weights, and its metrics.jsonl logs every iteration once."""
     args = TINY + ["--iters", "6", "--save-every", "3", "--lr", "0.02"]
     straight, _ = train.main(args + ["--out", str(tmp_path / "a")])
     calls, real_step = [], train.train_step
 
-    def interrupted_step(*a, **k):                                          # Ctrl-C during the 4th step
+    def interrupted_step(*a, **k):                                          # killed during the 5th step
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 5:
+            with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+                f.write('{"iter": 5, "lr"')                                 # a line the kill cut short
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
@@ -56,6 +64,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
     resumed, _ = train.main(args + ["--out", str(tmp_path / "b"), "--resume"])
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        logged = [r["iter"] for r in map(json.loads, f) if "total" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def test_eval_only_reproduces_the_final_evaluation(tmp_path):
@@ -187,6 +198,45 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
     with open(os.path.join(out, cache)) as f:
         whole = sampling.class_centroids(common.SyntheticDataset(16, (40, 40), 0), progress=False)
         assert json.load(f) == whole and sum(map(len, whole)) > 16
+
+
+def stopped_worker(rank, world, ports, out):
+    """A torchrun-like rank of a run that rank 1's node stops with SIGTERM during step 2 (rank 0 is not
+    signalled: the stop reaches it through the ranks' agreement), then of the run resumed with --resume
+    --out alone. Writes what each rank saw."""
+    torch.set_num_threads(1)
+    steps, real_step, seen = [], train.train_step, {}
+
+    def step(*a, **k):
+        steps.append(1)
+        if rank == 1 and len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **k)
+    train.train_step = step
+    for phase, argv in (("stopped", TINY + ["--iters", "4", "--out", out]), ("resumed", ["--resume", "--out", out])):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[phase == "resumed"]))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = train.cli(argv)
+        seen[phase] = {"code": code, "err": err.getvalue(), "steps": len(steps)}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_sigterm_under_ddp_stops_every_rank_after_the_same_step_and_resumes_with_out_alone(tmp_path):
+    out = str(tmp_path / "ddp")
+    mp.spawn(stopped_worker, args=(2, (free_port(), free_port()), out), nprocs=2)
+    r0, r1 = (json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1))
+    assert r0["stopped"]["code"] == r1["stopped"]["code"] == 128 + signal.SIGTERM
+    assert r0["stopped"]["steps"] == r1["stopped"]["steps"] == 2                # the same step on every rank
+    assert r0["stopped"]["err"].strip() == (f"stopped by SIGTERM after iteration 2 of 4: {out}/last.pt written; "
+                                            f"continue with --resume --out {out}") and r1["stopped"]["err"] == ""
+    assert r0["resumed"]["code"] == r1["resumed"]["code"] == 0 and r0["resumed"]["steps"] == 4
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["iteration"] == 4
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        logged = [r["iter"] for r in map(json.loads, f) if "total" in r]
+    assert logged == [1, 2, 3, 4]
 
 
 def single_rank_worker(rank, port, out):

@@ -14,9 +14,11 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import common
+from tools.crash_safety import replacing, write_failed
 
 
 def add_args(parser):
@@ -157,8 +159,7 @@ def image_files(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                           if f.lower().endswith((".png", ".jpg", ".jpeg")))
+            found = [f for f in common.walk_files(path) if f.lower().endswith(common.IMAGE_SUFFIXES)]
             files += [(f, os.path.splitext(os.path.relpath(f, path))[0] + ".png") for f in found]
         elif os.path.isfile(path):
             files.append((path, os.path.splitext(os.path.basename(path))[0] + ".png"))
@@ -176,16 +177,15 @@ def image_files(paths):
 def write_pairs(path, pairs):
     """pairs.txt: one JSON [image, label] pair per line, so that any file name (spaces, tabs,
     newlines) survives the round trip to --extra-data."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps([image, label]) + "\n" for image, label in pairs)
-    os.replace(path + ".tmp", path)
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps([image, label]) + "\n" for image, label in pairs)
 
 
 def read_pairs(path):
     """The pairs of pairs.txt: JSON lines as write_pairs writes, or `image label` separated by
-    whitespace (a list written by hand)."""
-    with open(path) as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+    whitespace (a list written by hand, UTF-8 or UTF-16)."""
+    lines = common.read_text_lines(path)
     pairs = []
     for number, line in enumerate(lines, 1):
         pair = json.loads(line) if line.startswith("[") else line.split()[:2]
@@ -193,6 +193,39 @@ def read_pairs(path):
             raise common.InputError(f"{path} line {number}: expected an image and a label, got {line[:100]!r}")
         pairs.append(tuple(pair))
     return pairs
+
+
+def save_png(image, path, done, total):
+    """image.save(path); a failed write (a full disk) removes the partial file and is an InputError
+    naming it: the images written before it stay."""
+    try:
+        image.save(path)
+    except OSError as e:
+        if os.path.exists(path):
+            os.remove(path)
+        raise write_failed(path, e, f"the {done} of {total} images labelled before it are kept") from None
+
+
+def label_one(model, path, args, device):
+    """(PIL RGB image, (H, W) uint8 train ids with 255 below --min-confidence, pixels below it)."""
+    image = common.read_image(path)
+    x = common.to_normalized_tensor(image)[None].to(device)
+    confidence, label = common.infer_as_flagged(model, x, x.shape[-2:], args).softmax(1).max(1)
+    unsure = confidence < args.min_confidence
+    label[unsure] = common.IGNORE_INDEX
+    return image, label[0].byte().cpu().numpy(), int(unsure.sum())
+
+
+def unsure_note(args, unsure, world, device):
+    """--label-ids with --min-confidence: the pixels below it are written as id 0 (unlabeled) in
+    labelIds/, which the Cityscapes evaluator counts as misses; said when any was (summed over ranks)."""
+    count = torch.tensor(unsure, device=device)
+    if world > 1:
+        dist.all_reduce(count)
+    if not (args.label_ids and count.item()):
+        return ""
+    return (f"note: {count.item():,} pixels below --min-confidence {args.min_confidence} are id 0 (unlabeled) "
+            f"in labelIds/, which the Cityscapes evaluator counts as misses: for a submission use --min-confidence 0")
 
 
 @torch.no_grad()
@@ -205,21 +238,23 @@ def predict(model, args, rank, world, device):
     for kind in kinds:
         for folder in {os.path.dirname(os.path.join(args.out, kind, n)) for _, n in files}:
             os.makedirs(folder, exist_ok=True)
-    for path, name in files[rank::world]:
-        image = common.read_image(path)
-        x = common.to_normalized_tensor(image)[None].to(device)
-        confidence, label = common.infer_as_flagged(model, x, x.shape[-2:], args).softmax(1).max(1)
-        label[confidence < args.min_confidence] = common.IGNORE_INDEX
-        label = label[0].byte().cpu().numpy()
-        Image.fromarray(label).save(os.path.join(args.out, "labels", name))
+    unsure, mine = 0, files[rank::world]
+    for done, (path, name) in enumerate(mine):
+        image, label, below = label_one(model, path, args, device)
+        unsure += below
         color = colorize(label, palette)
-        color.save(os.path.join(args.out, "color", name))
-        Image.blend(image, color, 0.5).save(os.path.join(args.out, "overlay", name))
+        outputs = {"labels": Image.fromarray(label), "color": color, "overlay": Image.blend(image, color, 0.5)}
         if args.label_ids:
-            Image.fromarray(common.CITYSCAPES_TRAIN_ID_TO_ID[label]).save(os.path.join(args.out, "labelIds", name))
+            outputs["labelIds"] = Image.fromarray(common.CITYSCAPES_TRAIN_ID_TO_ID[label])
+        for kind, output in outputs.items():
+            save_png(output, os.path.join(args.out, kind, name), done, len(mine))
+    note = unsure_note(args, unsure, world, device)
     if rank == 0:
         write_pairs(os.path.join(args.out, "pairs.txt"), [(os.path.abspath(p), f"labels/{n}") for p, n in files])
-        print(f"labelled {len(files)} images into {args.out}")
+        results = f" (for cityscapesScripts: CITYSCAPES_RESULTS={os.path.join(args.out, 'labelIds')})" * args.label_ids
+        print(f"labelled {len(files)} images into {args.out}{results}")
+        if note:
+            print(note)
     return len(files)
 
 

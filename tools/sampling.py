@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import common
+from tools.crash_safety import replacing
 from tools.predict import read_pairs
 
 
@@ -116,9 +117,9 @@ def class_index(args, train_set, rank, world):
         dist.all_gather_object(shards, shard)
     index = merge_centroids(shards)
     if rank == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(index, f)
-        os.replace(path + ".tmp", path)
+        with replacing(path) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(index, f)
     return index
 
 
