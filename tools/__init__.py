@@ -6,6 +6,7 @@
     sampling.py   --class-uniform (HMSA Sec. 5.1) and --extra-data (auto-labelled images mixed in)
     levels.py     --levels: S&F Table 9, the share of pixels each pyramid level predicts
     paper_costs.py  the papers' cost tables that --against-paper measures beside
+    carried_flags.py the flags a checkpoint carries: what --resume, --eval-only, --predict take from it
     crash_safety.py atomic writes, the run folder's lock, SIGTERM / SIGINT, finite-state checks
     convert_nvidia.py  NVIDIA's released HMSA checkpoints -> this project's keys (run as a script)
     gpu_check.py  the CUDA paths in one timed call (python -m tools.gpu_check --help; --dry-run on a CPU)
