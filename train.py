@@ -37,7 +37,7 @@ import galdv1
 import galdv2
 import hier_ms_attn
 import specialize_fuse
-from tools import boundary_f, carried_flags, costs, crash_safety, levels, predict, sampling
+from tools import boundary_f, carried_flags, costs, crash_safety, levels, predict, progress, sampling
 
 # Every method: (add its argument group, build its model). train.py never branches on the name.
 METHODS = {
@@ -386,6 +386,9 @@ def evaluate(model, dataset, args, proc):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=args.workers, worker_init_fn=crash_safety.die_with_parent)
     cm = torch.zeros(K, K, dtype=torch.long, device=proc.device)
+    views = f"scales {' '.join(map(str, args.eval_scales))}{' + flip' * args.flip}, {args.eval_mode}"
+    bar = progress.Progress(f"evaluating {dataset.name} ({views}{', rank 0' * (proc.world > 1)})", len(indices),
+                            proc.master)
     for index, (image, label) in zip(indices, loader):
         image, label = image.to(proc.device), label.to(proc.device)
         if args.channels_last:
@@ -394,6 +397,7 @@ def evaluate(model, dataset, args, proc):
         cm += common.confusion_matrix(pred, label, K)
         for extra in extras:
             extra.add(index, image, pred, label)
+        bar.update()
     if proc.distributed:
         dist.all_reduce(cm)
     metrics = common.segmentation_metrics(cm.cpu(), dataset.class_names)
@@ -406,10 +410,10 @@ def evaluate(model, dataset, args, proc):
 def check_labels(dataset, proc):
     """One pass over the evaluation labels before training, so that a bad label stops the run now,
     not at its first evaluation hours later."""
+    bar = progress.Progress(f"checking {dataset.name} evaluation labels", len(dataset), proc.master)
     for i in range(len(dataset)):
         dataset.load_label(i)
-        if (i + 1) % 100 == 0 or i + 1 == len(dataset):
-            proc.say(f"checked {i + 1}/{len(dataset)} {dataset.name} evaluation labels")
+        bar.update()
 
 
 def log(proc, args, record, line=None):
@@ -496,7 +500,7 @@ def train_step(model, raw_model, optimizer, scaler, images, labels, args):
 def progress_line(it, args, losses, lr, speed):
     terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
     eta = (args.iters - it - 1) / max(speed, 1e-9)
-    return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min"
+    return f"it {it + 1}/{args.iters} | {terms} | lr {lr:.2e} | {speed:.2f} it/s | ETA {progress.duration(eta)}"
 
 
 @dataclass
@@ -544,6 +548,7 @@ def train(args, proc, model, optimizer, scaler, data, start, stop):
                                                    optimizer, scaler)
     loader, per_epoch = train_loader(args, train_set, start_iter, proc)
     batches, tic, health = iter(loader), time.time(), crash_safety.Health(proc.device)
+    said = None                                                # when the last progress line was printed
     set_training_mode(raw_model, args.freeze_bn)
     with stop.deferring():
         for it in range(start_iter, args.iters):
@@ -561,9 +566,14 @@ def train(args, proc, model, optimizer, scaler, data, start, stop):
                 labelled_in_epoch += labelled
                 if done % args.log_every == 0 or done == args.iters:
                     log_progress(proc, args, it, losses, lr, (done - start_iter) / (time.time() - tic), labelled)
+                    said = time.time()
                 if done - start_iter == per_epoch and labelled_in_epoch == 0:
                     raise common.InputError(f"a whole epoch ({per_epoch} iterations) of {train_set.name} held no "
                                             f"labelled pixel (every label is {common.IGNORE_INDEX}): nothing trains")
+            if proc.master and (said is None or time.time() - said > progress.EVERY_S):   # screen only
+                values = {k: v.item() for k, v in losses.items()}
+                print(progress_line(it, args, values, lr, (done - start_iter) / (time.time() - tic)), flush=True)
+                said = time.time()
             if proc.master and saving:
                 save_checkpoint(last, raw_model, args, done, best, optimizer, scaler)
             if signum:

@@ -41,7 +41,8 @@ def test_the_project_modules_are_what_the_readme_lists():
     assert set(project_modules()) == {"common", "train", *METHOD_FILES, "tools.costs", "tools.predict",
                                       "tools.boundary_f", "tools.sampling", "tools.convert_nvidia",
                                       "tools.paper_costs", "tools.crash_safety", "tools.levels",
-                                      "tools.gpu_check", "tools.carried_flags"}
+                                      "tools.gpu_check", "tools.carried_flags",
+                                      "tools.progress"}
 
 
 def test_imports_flow_one_way():

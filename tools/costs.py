@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from tools import paper_costs
+from tools import paper_costs, progress
 
 
 def add_args(parser):
@@ -128,8 +128,9 @@ def peak_memory(fn, device, held=()):
     return sum(storages.values()) + live.peak
 
 
-def median_seconds(fn, iters, warmup, device):
-    """Median wall time of fn() over `iters` calls, after `warmup` untimed ones (CUDA synchronised)."""
+def median_seconds(fn, iters, warmup, device, after_each=lambda: None):
+    """Median wall time of fn() over `iters` calls, after `warmup` untimed ones (CUDA synchronised);
+    after_each() runs after each call, untimed."""
     times = []
     for i in range(warmup + iters):
         if device.type == "cuda":
@@ -140,6 +141,7 @@ def median_seconds(fn, iters, warmup, device):
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - tic)
+        after_each()
     return statistics.median(times)
 
 
@@ -219,22 +221,30 @@ def benchmark(model, args, device, say=print):
          "eval": f"{args.eval_mode}, scales {' '.join(map(str, args.eval_scales))}" + ", flip" * args.flip,
          "amp": args.amp, "channels_last": args.channels_last, "device": str(device),
          **{f"params_{k}": v for k, v in parameter_counts(model).items()}}
+    calls = 2 + args.benchmark_warmup + args.benchmark_iters                  # per phase: FLOPs, memory, times
+    bar = progress.Progress(f"benchmark {args.method}", len(phases) * calls)
     for name in list(phases):
+        bar.what = f"benchmark {args.method}: {name.replace('_', ' ')} FLOPs"
         try:
             r[f"gflops_{name}"] = count_flops(phases[name]) / 1e9
         except ValueError as e:                               # "Expected more than 1 value per channel"
             say(f"benchmark: the {name.replace('_', ' ')} fails at --batch-size {args.batch_size} ({e}): "
                 f"its figures are left empty")
             r[f"gflops_{name}"], r[f"{name}_peak_mib"], r[f"{name}_ms"] = None, None, None
+            bar.total -= calls - 1
             del phases[name]
+        bar.update()
     held = [*model.parameters(), *model.buffers(), x, y]
     for name, fn in phases.items():
+        bar.what = f"benchmark {args.method}: {name.replace('_', ' ')} peak memory"
         model.zero_grad(set_to_none=True)
         r[f"{name}_peak_mib"] = peak_memory(fn, device, held) / 2 ** 20
+        bar.update()
     if args.compile:
         compile_forward(model, log=say)
     for name, fn in phases.items():
-        r[f"{name}_ms"] = 1000 * median_seconds(fn, args.benchmark_iters, args.benchmark_warmup, device)
+        bar.what = f"benchmark {args.method}: {name.replace('_', ' ')} time"
+        r[f"{name}_ms"] = 1000 * median_seconds(fn, args.benchmark_iters, args.benchmark_warmup, device, bar.update)
     r["compiled"] = is_compiled(model)
     r["memory"] = "CUDA allocator peak" if device.type == "cuda" else "live CPU tensors (eager)"
     say(benchmark_table(r))
