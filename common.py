@@ -890,6 +890,10 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
+    def image_stem(self, index):
+        """Image `index`'s file name without its folder and suffix (--save-maps names its files by it)."""
+        return os.path.splitext(os.path.basename(self.pairs[index][0]))[0]
+
     def load(self, index):
         """(PIL RGB image, uint8 label array of train ids), validated."""
         image_path, label_path = self.pairs[index]
@@ -1069,6 +1073,9 @@ class SyntheticDataset(SegDataset):
 
     def load_label(self, index):
         return synthetic_sample(index, self.seed, self.size)[1]
+
+    def image_stem(self, index):
+        return f"synthetic_{index:04d}"
 
 
 # Datasets read in the layouts users already have (mmsegmentation's, and the SegNet tutorial's for
@@ -1362,7 +1369,9 @@ def dataset_classes(name):
 
 def file_dataset(name, root, split, transform=None):
     """One split of a dataset on disk, in its usual layout (README: Datasets); 'a+b' joins splits."""
-    if root is None or not os.path.isdir(root):
+    if root is None:
+        raise InputError(f"--dataset {name} needs --data-root, the folder of its layout (README.md, Datasets)")
+    if not os.path.isdir(root):
         raise InputError(f"--data-root {root} is not a folder; --dataset {name} expects the layout "
                          f"described in README.md (Datasets)")
     classes, layout, splits = DATASETS[name]

@@ -20,7 +20,7 @@ DenoisedNLNet.forward(image) -> dict
     'out'                      (B, K, H, W) logits
     'aux_layer2', 'aux_layer3' (B, K, H, W) deep-supervision logits (training only)
     'maps'                     eval, block='denoised': {'map1_A', 'map2_A_gr', 'map3_A_lr'}, each (B, 1, h, w)
-                               at 1/16: row i of A, A', A'' for the query pixel `map_pixel`, max 1 (Fig. 11)
+                               at 1/16: row i of A, A', A'' for the query pixel `map_pixel`, unscaled (Fig. 11)
 
 Deviations and gaps, each reasoned at its NOTE(paper-gap) in:
     reduction           3x3 conv to C = 512; the Basic Block's shortcut is a 3x3 stride-2 conv
@@ -232,8 +232,7 @@ class DenoisedNLBlock(nn.Module):
         y, x = query_cell(self.map_pixel, (H, W))
         with torch.no_grad():
             rows = self.attention(q, k, p, s_l, (H, W), slice(y * W + x, y * W + x + 1))  # 3 x (B, 1, N)
-        rows = [m.float() / m.float().amax(-1, keepdim=True).clamp(min=1e-12) for m in rows]  # max 1
-        return f_out, {n: m.view(B, 1, H, W) for n, m in zip(MAP_NAMES, rows)}   # Fig. 11: maps #1-#3
+        return f_out, {n: m.float().view(B, 1, H, W) for n, m in zip(MAP_NAMES, rows)}   # Fig. 11: maps #1-#3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import galdv1
 import galdv2
 import hier_ms_attn
 import specialize_fuse
-from tools import boundary_f, carried_flags, costs, crash_safety, levels, predict, progress, sampling
+from tools import boundary_f, carried_flags, check_data, costs, crash_safety, levels, predict, progress, sampling
 
 # Every method: (add its argument group, build its model). train.py never branches on the name.
 METHODS = {
@@ -48,7 +48,7 @@ METHODS = {
     "specialize_fuse": (specialize_fuse.add_args, specialize_fuse.build_model),
     "hier_ms_attn": (hier_ms_attn.add_args, hier_ms_attn.build_model),
 }
-EXTRAS = (sampling, boundary_f, levels, predict, costs)       # each adds its own argument group
+EXTRAS = (sampling, boundary_f, levels, predict, costs, check_data)       # each adds its own argument group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +89,12 @@ def add_model_args(parser):
     g = parser.add_argument_group("model (a checkpoint carries these)")
     g.add_argument("--backbone", default="resnet50",
                    choices=["resnet18", "resnet34", "resnet50", "resnet101", *common.HRNET_LAYOUTS],
-                   help="resnet*: dilated ResNet; hrnet48/32/18/18-small: HRNetV2-W48/W32/W18/W18-small-v1 "
-                        "(stride-4 features; for specialize_fuse and hier_ms_attn)")
+                   help="resnet*: dilated ResNet (resnet50 and up are slow on a CPU: resnet18 there); "
+                        "hrnet48/32/18/18-small: HRNetV2-W48/W32/W18/W18-small-v1 (stride-4 features; for "
+                        "specialize_fuse and hier_ms_attn)")
     g.add_argument("--stem", default="tv", choices=["tv", "deep"], help="tv: 7x7 (torchvision keys); deep: 3x3 x3")
-    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
+    g.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32],
+                   help="a ResNet's stride: 8 dilates layer3 and layer4, 16 layer4 only, 32 none")
     g.add_argument("--multi-grid", type=common.ranged(int, 1), nargs="+",
                    help="layer4 dilation multipliers, e.g. 1 2 4 (default: none)")
     g.add_argument("--dilation-style", default="pspnet", choices=common.DILATION_STYLES,
@@ -202,8 +204,16 @@ def default_out(args):
     they never write into the training run's summary.json."""
     if args.checkpoint and (args.eval_only or args.predict):
         folder = os.path.dirname(os.path.abspath(args.checkpoint))
-        return os.path.join(folder, "predict" if args.predict else f"eval-{args.val_split}")
+        return os.path.join(folder, "predict" if args.predict else evaluation_folder(args))
     return os.path.join("runs", f"{'compare' if args.compare_methods else args.method}_{args.dataset}")
+
+
+def evaluation_folder(args):
+    """eval-SPLIT, named further by what differs from one whole image (eval-val-scales0.75,1,1.25-flip),
+    so that evaluations of one checkpoint in other ways keep their own summary.json."""
+    scales = [] if list(args.eval_scales) == [1.0] else ["scales" + ",".join(f"{s:g}" for s in args.eval_scales)]
+    return "-".join([f"eval-{args.val_split}", *scales, *["flip"] * args.flip,
+                     *[args.eval_mode] * (args.eval_mode != "whole")])
 
 
 def check_flags(args, parser):
@@ -381,7 +391,7 @@ def evaluate(model, dataset, args, proc):
     if args.levels:
         extras.append(levels.LevelTables(model, dataset.num_classes, dataset.class_names, args.amp, proc.device))
     if args.save_maps:
-        extras.append(predict.MapSaver(model, args.dataset, args))
+        extras.append(predict.MapSaver(model, dataset, args))
     K, indices = dataset.num_classes, range(proc.rank, len(dataset), proc.world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=args.workers, worker_init_fn=crash_safety.die_with_parent)
@@ -601,7 +611,7 @@ def evaluate_checkpoint(args, proc):
     if proc.master:
         print(f"mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} mAcc {metrics['mAcc']:.2f}")
         write_summary(args, metrics, None)
-        print(f"wrote {os.path.join(args.out, 'summary.json')}")
+        say_written(proc, args.out)
     return raw_model, metrics
 
 
@@ -631,20 +641,26 @@ def train_run(args, proc, stop):
         # rank 0's RNG state only); one process keeps the stream of --seed (or of last.pt)
         torch.manual_seed((args.seed * 1000003 + start.iteration) * 1024 + proc.rank)
     n_params = sum(p.numel() for p in raw_model.parameters())
+    proc.say(f"writing to {os.path.abspath(args.out)}")
     proc.say(f"{args.method} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {proc.world} process(es)"
              f"{' (DDP)' if isinstance(model, DDP) else ''}, {proc.device}")
     metrics = train(args, proc, model, optimizer, scaler, (train_set, val_set), start, stop)
-    written = sorted(name for name in os.listdir(args.out) if not name.startswith("."))
-    proc.say(f"wrote {', '.join(written)} in {args.out}")
+    say_written(proc, args.out)
     return raw_model, metrics
+
+
+def say_written(proc, out):
+    """'wrote best.pt, maps/, summary.json in OUT' (rank 0): what a run leaves in its folder."""
+    written = sorted(name + "/" * os.path.isdir(os.path.join(out, name)) for name in os.listdir(out)
+                     if not name.startswith("."))
+    proc.say(f"wrote {', '.join(written)} in {out}")
 
 
 def run(args, proc):
     """Train (or evaluate, or label) as the parsed flags say; returns (model, last metrics). SIGTERM and
     SIGINT end it in one line (crash_safety.Stop): training after its step, with last.pt written."""
     crash_safety.check_out_folder(args.out)
-    proc.say(f"writing to {os.path.abspath(args.out)}")
-    with crash_safety.Stop(proc.device, proc.distributed) as stop:
+    with crash_safety.out_folder(args.out, proc.master), crash_safety.Stop(proc.device, proc.distributed) as stop:
         if args.predict:                                       # tools/predict.py: no dataset is read
             with stop.at_once(f" during --predict: the labels written so far stay in {args.out}"):
                 args.num_classes = len(common.dataset_classes(args.dataset))
@@ -666,6 +682,8 @@ def main(argv=None):
     args = parse_args(argv)
     common.allow_image_pixels(args.max_image_pixels)
     proc = setup_distributed(args.device)
+    if args.check_data:                                        # tools/check_data.py: every file read once
+        return None, check_data.check_data(args, say=proc.say)
     if args.compare_methods:                                   # tools/costs.py: each method trained, one table
         return None, costs.compare_methods(args, compared_runs(args), lambda a: run(a, proc), proc.world, proc.master)
     if args.benchmark and args.against_paper:                  # tools/costs.py: the paper's table beside ours

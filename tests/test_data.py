@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -454,6 +454,8 @@ def test_predict_writes_raw_colour_and_overlay_pngs_with_the_threshold(trained, 
         np.testing.assert_array_equal(png(os.path.join(out, "overlay", name)), np.asarray(overlay))
         ignored, kept = ignored + (label == 255).sum(), kept + (label != 255).sum()
     assert ignored > 0 and kept > 0, "the threshold should leave pixels on both sides"
+    legend = predict.legend(common.dataset_classes("synthetic"), palette)           # tests/test_maps.py reads it
+    np.testing.assert_array_equal(png(os.path.join(out, "legend.png")), np.asarray(legend))
     assert sorted(os.listdir(os.path.join(out, "labels"))) == ["a.png", "c  d\tx.png", "sub"]
     with open(os.path.join(out, "pairs.txt")) as f:
         lines = f.read().splitlines()
@@ -685,28 +687,48 @@ def test_boundary_f_in_evaluation_goes_to_summary_json(trained, tmp_path):
 def test_save_maps_writes_predictions_of_the_first_n_images(trained, tmp_path):
     out = str(tmp_path / "eval")
     train.main(TINY + ["--eval-only", "--checkpoint", trained["checkpoint"], "--save-maps", "2", "--out", out])
-    assert sorted(os.listdir(os.path.join(out, "maps"))) == ["0000_pred.png", "0001_pred.png"]   # FCN: no maps
+    assert sorted(os.listdir(os.path.join(out, "maps"))) == [                      # FCN: no maps
+        "legend.png", "synthetic_0000_pred.png", "synthetic_0001_pred.png"]
     model = model_for(TINY, trained["checkpoint"])
     image, label = common.build_datasets(train.parse_args(TINY))[1][1]
     pred = common.infer(model, image[None], label.shape).argmax(1)[0]
     expected = palette_image(pred.numpy(), predict.SYNTHETIC_PALETTE)
-    np.testing.assert_array_equal(png(os.path.join(out, "maps", "0001_pred.png")), expected)
+    np.testing.assert_array_equal(png(os.path.join(out, "maps", "synthetic_0001_pred.png")), expected)
+    legend = predict.legend(common.dataset_classes("synthetic"), predict.SYNTHETIC_PALETTE)
+    np.testing.assert_array_equal(png(os.path.join(out, "maps", "legend.png")), np.asarray(legend))
 
 
 def test_save_maps_writes_heat_maps_of_a_model_with_maps(tmp_path):
     out = str(tmp_path / "run")
     argv = ["--method", "galdv1"] + TINY[2:6] + TINY[8:]                 # TINY without --head-channels 32
     model, _ = train.main(argv + ["--iters", "1", "--save-maps", "2", "--out", out])
-    assert sorted(os.listdir(os.path.join(out, "maps"))) == [
-        "0000_ld_mask_0.png", "0000_pred.png", "0001_ld_mask_0.png", "0001_pred.png"]
-    image, _ = common.build_datasets(train.parse_args(argv))[1][0]
+    assert sorted(os.listdir(os.path.join(out, "maps"))) == ["legend.png", "synthetic_0000_ld_mask_0.png",
+        "synthetic_0000_pred.png", "synthetic_0001_ld_mask_0.png", "synthetic_0001_pred.png"]
+    val_set = common.build_datasets(train.parse_args(argv))[1]
     with torch.no_grad():
-        ld_mask = model.eval()(image[None])["maps"]["ld_mask"]           # (1, 1, 5, 5)
-    expected = predict.heatmap(common.resize(ld_mask, (40, 40))[0, 0].clamp(0, 1).numpy())
-    saved = png(os.path.join(out, "maps", "0000_ld_mask_0.png"))
+        ld_mask = model.eval()(val_set[0][0][None])["maps"]["ld_mask"]  # (1, 1, 5, 5)
+    lo, hi = ld_mask.min().item(), ld_mask.max().item()                 # after 1 iteration: constant, 0.49988
+    shown = common.resize(ld_mask, (40, 40))[0, 0].numpy()
+    expected = predict.heatmap((shown - lo) / max(hi - lo, 1e-30))
+    saved = png(os.path.join(out, "maps", "synthetic_0000_ld_mask_0.png"))
     np.testing.assert_array_equal(saved[:, :40], np.asarray(expected))             # the map, then its colour bar
     bar = saved[:, 42:42 + predict.COLOUR_BAR]
     assert bar[0].tolist() == [[128, 0, 0]] * predict.COLOUR_BAR and bar[-1].tolist() == [[0, 0, 128]] * predict.COLOUR_BAR
+    assert bar_says(saved, 40, predict.bar_labels(lo, hi))              # labelled with the map's own range
+    overlay = Image.blend(val_set.load(0)[0], expected, 0.5)             # the map over the evaluated image
+    np.testing.assert_array_equal(saved[:, -40:], np.asarray(overlay))
+
+
+def bar_says(saved, width, labels):
+    """Whether the bar right of a map `width` pixels wide is labelled labels = (top, bottom)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x, shown = width + 3 + predict.COLOUR_BAR, []
+    for text, y in zip(labels, (0, len(saved) - 11)):
+        ref = Image.new("RGB", (int(draw.textlength(text)), 12), "white")
+        ImageDraw.Draw(ref).text((0, 0), text, fill="black")
+        crop = saved[y:y + 12, x:x + ref.size[0]]
+        shown.append(np.array_equal(crop, np.asarray(ref)[:len(crop)]))
+    return all(shown)
 
 
 @pytest.mark.parametrize("map_size,size", [((5, 5), (40, 40)), ((12, 15), (180, 240)), ((7, 3), (97, 50))])
@@ -736,11 +758,13 @@ def test_single_query_maps_ring_their_query_pixel(method, flags, names, tmp_path
     for name in names:
         cell = common.query_cell((0.25, 0.75), maps[name].shape[-2:])
         y, x = predict.displayed_centre(cell, maps[name].shape[-2:], (40, 40))
-        saved = png(os.path.join(out, "maps", f"0000_{name}_0.png"))[:, :40]
-        r = predict.QUERY_RING
+        whole = png(os.path.join(out, "maps", f"synthetic_0000_{name}_0.png"))
+        saved, r = whole[:, :40], predict.QUERY_RING
         assert [saved[y + dy, x + dx].tolist() for dy, dx in [(-r, 0), (r, 0), (0, -r), (0, r)]] == [[255] * 3] * 4
         assert [saved[y + dy, x + dx].tolist() for dy, dx in [(-r - 1, 0), (0, r + 1)]] == [[0] * 3] * 2
-        plain = np.asarray(predict.heatmap(common.resize(maps[name], (40, 40))[0, 0].clamp(0, 1).numpy()))
+        lo, hi = maps[name].min().item(), maps[name].max().item()        # the map's own range
+        assert hi > lo and bar_says(whole, 40, predict.bar_labels(lo, hi))
+        plain = np.asarray(predict.heatmap((common.resize(maps[name], (40, 40))[0, 0].numpy() - lo) / (hi - lo)))
         assert (saved != plain).any(-1).sum() < 80 and (saved[y - 2:y + 3, x - 2:x + 3] == plain[y - 2:y + 3, x - 2:x + 3]).all()
 
 

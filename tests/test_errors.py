@@ -68,7 +68,7 @@ def bad_files(folder):
     class Exploit:                                      # a pickle that would run code if loaded unsafely
         def __reduce__(self):
             return (os.system, (f"touch {folder / 'pwned'}",))
-    (folder / "exploit").write_bytes(pickle.dumps({"model": Exploit()}))
+    (folder / "exploit").write_bytes(pickle.dumps({"model": Exploit()}, protocol=2))   # torch.save's protocol
     return {"text": "can read", "random": "can read", "tensor": "it holds a Tensor",
             "ints": "found a dict of int", "exploit": "can read"}
 

@@ -7,7 +7,9 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -18,7 +20,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"train.py": []}
 METHOD_PLACEHOLDERS = {"METHOD", "NAME"}                   # run with every method in its place
 LAUNCHER_FLAGS = {"--nproc_per_node", "--standalone", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
-                  "--index-url", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--signal"}  # torchrun, pip, SLURM
+                  "--index-url", "--depth", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--signal"}  # torchrun, pip, git, SLURM
 
 
 def readme_text():
@@ -137,3 +139,26 @@ def test_the_readme_runs_the_tests_as_ci_does():
         ci = f.read()
     assert "\npython -m pytest -q\n" in ci
     assert any(line.endswith("python -m pytest -q") for line in shell_lines(readme_text()))
+
+
+def test_the_readme_halves_camvid_as_it_says(tmp_path):
+    """halve_camvid(): every file of the six folders at 240 x 180, labels by nearest (only the values
+    0 and 11 of the source: a bilinear resize would make values between them)."""
+    namespace = {}
+    exec(next(b for b in fenced_blocks(readme_text(), ("python",)) if "def halve_camvid" in b), namespace)
+    src = tmp_path / "CamVid"
+    for folder in ["train", "val", "test", "trainannot", "valannot", "testannot"]:
+        os.makedirs(src / folder)
+        labels = folder.endswith("annot")
+        rng = np.random.default_rng(0)
+        values = rng.choice(np.array([0, 11], np.uint8), (360, 480)) if labels else \
+            rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)
+        Image.fromarray(values).save(src / folder / "0001TP_000010.png")
+    namespace["halve_camvid"](str(src), str(tmp_path / "camvid"))
+    for folder in ["train", "trainannot"]:
+        image = Image.open(tmp_path / "camvid" / folder / "0001TP_000010.png")
+        assert image.size == (240, 180) and image.mode == ("L" if folder == "trainannot" else "RGB")
+    label = np.asarray(Image.open(tmp_path / "camvid" / "valannot" / "0001TP_000010.png"))
+    assert set(np.unique(label).tolist()) == {0, 11}
+    _, counts = train.main(["--check-data", "--dataset", "camvid", "--data-root", str(tmp_path / "camvid")])
+    assert counts == {"train": 1, "val": 1, "test": 1}

@@ -42,7 +42,7 @@ def test_the_project_modules_are_what_the_readme_lists():
                                       "tools.boundary_f", "tools.sampling", "tools.convert_nvidia",
                                       "tools.paper_costs", "tools.crash_safety", "tools.levels",
                                       "tools.gpu_check", "tools.carried_flags",
-                                      "tools.progress"}
+                                      "tools.progress", "tools.check_data"}
 
 
 def test_imports_flow_one_way():

@@ -9,6 +9,7 @@
     carried_flags.py the flags a checkpoint carries: what --resume, --eval-only, --predict take from it
     crash_safety.py atomic writes, the run folder's lock, SIGTERM / SIGINT, finite-state checks
     convert_nvidia.py  NVIDIA's released HMSA checkpoints -> this project's keys (run as a script)
+    check_data.py --check-data: every image and label of a dataset read once, counted per split
     progress.py   one progress line (n of N, rate, ETA) for every long wait
     gpu_check.py  the CUDA paths in one timed call (python -m tools.gpu_check --help; --dry-run on a CPU)
 

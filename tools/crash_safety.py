@@ -1,6 +1,7 @@
 """What keeps a run's files whole when it crashes, fills the disk, shares its folder or is stopped:
 
     check_out_folder   --out is a folder this process can write, checked before any work starts
+    out_folder         --out made for the run, and removed again if a failed start left it empty
     claim_out_folder   one training run per folder: a running run's folder is refused, and so is a
                        finished one's unless --resume (continue it) or --overwrite (start afresh)
     temporary_path     a temporary name beside a file that no other process uses
@@ -34,17 +35,34 @@ TEMPORARY = r"\.\d+\.[0-9a-f]{8}\.tmp$"                       # what temporary_p
 
 
 def check_out_folder(path):
-    """--out must be (or become) a folder this process can write."""
+    """--out must be a folder this process can write, or one it can make (nothing is made here)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"--out {path} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {path} is not a writable folder ({existing} cannot be written)")
+
+
+@contextlib.contextmanager
+def out_folder(path, master):
+    """--out made for the run; made by this run and left empty by a run that fails or is stopped
+    before writing anything (a bad --data-root, a wrong --checkpoint), it is removed again."""
+    made = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise InputError(f"--out {path} is not a writable folder ({e.strerror})") from None
+    try:
+        yield
+    except BaseException:
+        if made and master and os.path.isdir(path) and set(os.listdir(path)) <= {".lock"}:
+            with contextlib.suppress(OSError):
+                for name in os.listdir(path):
+                    os.remove(os.path.join(path, name))
+                os.rmdir(path)
+        raise
 
 
 def locked(file):

@@ -4,10 +4,12 @@
     python train.py --method galdv2 --checkpoint best.pt --eval-only --save-maps 4
 
 --predict writes OUT/labels (train ids; 255 where the max probability < --min-confidence), OUT/color,
-OUT/overlay, OUT/labelIds with --label-ids, and OUT/pairs.txt, which --extra-data reads back.
---save-maps N writes, for the first N evaluated images, OUT/maps/NNNN_pred.png and one heat map per
-channel of each entry of the model's `maps` (LD masks, attention rows, scale attention, unity maps),
-each with a colour bar from 0 (bottom) to 1 (top) on its right.
+OUT/overlay, OUT/labelIds with --label-ids, OUT/pairs.txt, which --extra-data reads back, and
+OUT/legend.png (each class's name beside its colour). --save-maps N writes, for the first N evaluated
+images, OUT/maps/STEM_pred.png (STEM: the image's file name without its suffix; synthetic_NNNN for
+--dataset synthetic), OUT/maps/legend.png, and STEM_NAME_M.png for channel M of each entry NAME of the
+model's `maps` (LD masks, attention rows, scale attention, unity maps): the heat map, its colour bar
+labelled with the map's own min (bottom) and max (top), and the map blended over the image.
 """
 import json
 import os
@@ -113,6 +115,24 @@ def colorize(label, palette):
     return Image.fromarray(table[np.asarray(label, dtype=np.uint8)])
 
 
+LEGEND_ROW, SWATCH = 14, (20, 10)                             # pixels: a row of legend(), its swatch (w, h)
+
+
+def legend(class_names, palette):
+    """One row of LEGEND_ROW pixels per class, top down in label order: a SWATCH of its palette colour at
+    x 2.., then its name; a last row for ignore (255, black)."""
+    rows = list(zip(class_names, palette)) + [("ignore", (0, 0, 0))]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    out = Image.new("RGB", (SWATCH[0] + 8 + int(max(draw.textlength(n) for n, _ in rows)),
+                            LEGEND_ROW * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (name, colour) in enumerate(rows):
+        top = k * LEGEND_ROW + (LEGEND_ROW - SWATCH[1]) // 2
+        draw.rectangle((2, top, 1 + SWATCH[0], top + SWATCH[1] - 1), fill=tuple(colour))
+        draw.text((SWATCH[0] + 6, k * LEGEND_ROW), name, fill="black")
+    return out
+
+
 def heatmap(values):
     """(H, W) floats in [0, 1] -> PIL RGB, dark blue -> cyan -> yellow -> red."""
     v = np.clip(np.asarray(values, dtype=np.float32), 0, 1)
@@ -125,23 +145,45 @@ COLOUR_BAR = 12                                                # pixels wide, pl
 QUERY_RING = 4                                                 # pixels, the radius of the query marker
 
 
-def with_colour_bar(values, query=None):
-    """heatmap(values) with a colour bar on its right (1 at the top, 0 at the bottom, labelled) and,
-    for a map of one query pixel's attention, a ring around query = (y, x) in the map's pixels."""
-    image = heatmap(values)
-    W, H = image.size
-    ramp = np.repeat(np.linspace(1, 0, H, dtype=np.float32)[:, None], COLOUR_BAR, 1)     # (H, bar)
-    out = Image.new("RGB", (W + 2 + COLOUR_BAR + 12, H), "white")
-    out.paste(image, (0, 0))
-    out.paste(heatmap(ramp), (W + 2, 0))
-    draw = ImageDraw.Draw(out)
-    draw.text((W + 3 + COLOUR_BAR, 0), "1", fill="black")
-    draw.text((W + 3 + COLOUR_BAR, max(H - 11, 0)), "0", fill="black")
+def bar_labels(lo, hi):
+    """(hi, lo) in "%.Ng", N significant digits: 3, or one more than the fewest that tell them apart."""
+    differ = next((n for n in range(1, 8) if f"{hi:.{n}g}" != f"{lo:.{n}g}"), 7)
+    return f"{hi:.{max(3, differ + 1)}g}", f"{lo:.{max(3, differ + 1)}g}"
+
+
+def with_colour_bar(values, lo=None, hi=None, query=None, image=None):
+    """The heat map of (H, W) `values`, then a colour bar, then (given the PIL RGB `image` it shows) the
+    map blended 50% over that image. One rule for every map: colours run linearly from lo (dark blue,
+    the bar's bottom) to hi (dark red, its top), by default the values' own min and max, and the bar's
+    labels are hi and lo (bar_labels), so that a colour reads back as a value (a constant map is all
+    dark blue). A map of one query pixel's attention rings query = (y, x) in the map's pixels."""
+    values = np.asarray(values, dtype=np.float32)
+    lo, hi = float(values.min()) if lo is None else lo, float(values.max()) if hi is None else hi
+    heat = heatmap((values - lo) / max(hi - lo, 1e-30))
+    H, W = values.shape
     if query is not None:
         y, x = query
         for radius, colour in ((QUERY_RING + 1, "black"), (QUERY_RING, "white")):   # white ring, black edge
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour)
+            ImageDraw.Draw(heat).ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour)
+    labels = bar_labels(lo, hi)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    right = W + COLOUR_BAR + 6 + int(max(draw.textlength(t) for t in labels))     # where the blend goes
+    out = Image.new("RGB", (right + W * (image is not None), H), "white")
+    out.paste(heat, (0, 0))
+    out.paste(heatmap(np.repeat(np.linspace(1, 0, H, dtype=np.float32)[:, None], COLOUR_BAR, 1)), (W + 2, 0))
+    if image is not None:
+        out.paste(Image.blend(image, heat, 0.5), (right, 0))
+    draw = ImageDraw.Draw(out)
+    draw.text((W + 3 + COLOUR_BAR, 0), labels[0], fill="black")
+    draw.text((W + 3 + COLOUR_BAR, max(H - 11, 0)), labels[1], fill="black")
     return out
+
+
+def denormalized(x):
+    """A (3, H, W) tensor of common.to_normalized_tensor back to the PIL RGB image (rounded)."""
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    rgb = ((x.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).byte()
+    return Image.fromarray(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()))
 
 
 def displayed_centre(cell, map_size, size):
@@ -251,6 +293,7 @@ def predict(model, args, rank, world, device):
     note = unsure_note(args, unsure, world, device)
     if rank == 0:
         write_pairs(os.path.join(args.out, "pairs.txt"), [(os.path.abspath(p), f"labels/{n}") for p, n in files])
+        legend(common.dataset_classes(args.dataset), palette).save(os.path.join(args.out, "legend.png"))
         results = f" (for cityscapesScripts: CITYSCAPES_RESULTS={os.path.join(args.out, 'labelIds')})" * args.label_ids
         print(f"labelled {len(files)} images into {args.out}{results}")
         if note:
@@ -263,28 +306,35 @@ def predict(model, args, rank, world, device):
 
 
 class MapSaver:
-    """An evaluation extra (train.evaluate): the prediction and heat maps of the first N images."""
+    """An evaluation extra (train.evaluate): the prediction and heat maps of the first N images, and the
+    legend (written with image 0, so by rank 0 alone); `dataset` the evaluated one (its image stems
+    name the files)."""
 
-    def __init__(self, model, dataset_name, args):
-        self.model, self.palette, self.args = model, PALETTES[dataset_name], args
+    def __init__(self, model, dataset, args):
+        self.model, self.palette, self.args, self.dataset = model, PALETTES[args.dataset], args, dataset
         self.folder = os.path.join(args.out, "maps")
 
     def add(self, index, image, pred, label):
         if index >= self.args.save_maps:
             return
         os.makedirs(self.folder, exist_ok=True)
-        colorize(pred[0].cpu(), self.palette).save(os.path.join(self.folder, f"{index:04d}_pred.png"))
+        if index == 0:
+            legend(self.dataset.class_names, self.palette).save(os.path.join(self.folder, "legend.png"))
+        stem = os.path.join(self.folder, self.dataset.image_stem(index))
+        colorize(pred[0].cpu(), self.palette).save(f"{stem}_pred.png")
         with common.autocast(self.args.amp, image.device):
             maps = self.model.maps(image, tuple(self.args.eval_scales))
-        queries = self.model.query_pixels()
+        queries, picture = self.model.query_pixels(), denormalized(image[0])
         for name, value in maps.items():
             query = None
             if name in queries:
                 query = displayed_centre(common.query_cell(queries[name], value.shape[-2:]), value.shape[-2:],
                                          pred.shape[-2:])
-            value = common.resize(value.float(), pred.shape[-2:])[0]              # (M, H, W)
-            for m, channel in enumerate(value.clamp(0, 1).cpu()):
-                with_colour_bar(channel.numpy(), query).save(os.path.join(self.folder, f"{index:04d}_{name}_{m}.png"))
+            value = value[0].float().cpu()                                          # (M, h, w)
+            shown = common.resize(value[None], pred.shape[-2:])[0]                  # (M, H, W), within each range
+            for m, channel in enumerate(shown):
+                lo, hi = value[m].min().item(), value[m].max().item()
+                with_colour_bar(channel.numpy(), lo, hi, query, picture).save(f"{stem}_{name}_{m}.png")
 
     def result(self, world):
         return {}
