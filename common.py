@@ -22,7 +22,7 @@ The method interface (README "The interface"): a method file has `add_args(parse
     loss(outputs, target)       -> dict of named scalar terms and 'total'
     predict(image, scales, flip)-> (B, K, H, W) logits; the default averages views, a method with
                                    its own multi-scale chain (HMSA) overrides it.
-    maps(image, scales)         -> name -> (B, M, h, w) heat maps in [0, 1] (--save-maps)
+    maps(image, scales)         -> name -> (B, M, h, w) heat maps, each drawn on its own range (--save-maps)
 """
 import argparse
 import codecs
@@ -675,7 +675,7 @@ class SegModel(nn.Module):
         raise NotImplementedError
 
     def maps(self, image, scales=(1.0,)):
-        """The heat maps of `image` for --save-maps: name -> (B, M, h, w) in [0, 1]."""
+        """The heat maps of `image` for --save-maps: name -> (B, M, h, w), drawn on their own range."""
         return self(image).get("maps", {})
 
     def query_pixels(self):
