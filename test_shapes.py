@@ -6,6 +6,8 @@ training forward gives (B, K, H, W) logits, the loss is finite and EVERY paramet
 trunks (ResNet-18, HRNetV2-W18-small), narrow heads, odd tiny inputs. A last test checks that the
 command line's door (`build_model(args)`) builds, for each method's defaults, the model its class does.
 """
+import functools
+
 import pytest
 import torch
 
@@ -67,6 +69,36 @@ CONFIGS = {
 CASES = [(m, config) for m, configs in CONFIGS.items() for config in configs]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread, as tests/conftest.py's fixture of the same name (OpenMP's
+    threads contend on a shared 2-core machine; this file alone took minutes under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def seeded_resnet18(output_stride):
+    """ResNet(18, output_stride) built right after torch.manual_seed(0), and the RNG state it leaves."""
+    torch.manual_seed(0)
+    trunk = ResNet(18, output_stride=output_stride)
+    return trunk.state_dict(), torch.get_rng_state()
+
+
+def resnet18_after_seed_0(output_stride):
+    """What `torch.manual_seed(0); ResNet(18, output_stride)` gives, weights and RNG state alike, without
+    drawing its 11M random weights again (the random init was a third of this file's time): the trunk
+    is built on the meta device and the first build's tensors are copied in."""
+    state, rng = seeded_resnet18(output_stride)
+    with torch.device("meta"):
+        trunk = ResNet(18, output_stride=output_stride)
+    trunk.to_empty(device="cpu").load_state_dict(state)
+    torch.set_rng_state(rng)
+    return trunk
+
+
 def build(method, config):
     """The method's class on a ResNet-18 (or the config's HRNet), narrow widths, then the config."""
     model_class, output_stride, widths = MODELS[method]
@@ -75,7 +107,7 @@ def build(method, config):
     if config.pop("backbone", None) == HRNET:
         backbone = HRNet(**HRNET_LAYOUTS[HRNET])
     else:
-        backbone = ResNet(18, output_stride=output_stride)
+        backbone = resnet18_after_seed_0(output_stride)
     return model_class(backbone, K, **{**widths, **config})
 
 
@@ -117,10 +149,11 @@ def test_the_command_line_builds_what_the_class_builds(method):
     args = train.parse_args(["--method", method, "--backbone", "resnet18"])
     args.num_classes = K
     from_cli = train.METHODS[method][1](args)
-    from_class = model_class(ResNet(18, output_stride=output_stride), K)
+    with torch.device("meta"):                                   # its values are from_cli's: no random init
+        from_class = model_class(ResNet(18, output_stride=output_stride), K)
     shapes = lambda model: {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assert shapes(from_cli) == shapes(from_class)
-    from_class.load_state_dict(from_cli.state_dict())
+    from_class.to_empty(device="cpu").load_state_dict(from_cli.state_dict())
     image, target = torch.randn(2, 3, 49, 39), torch.randint(0, K, (2, 49, 39))
     torch.manual_seed(0)
     cli_loss = from_cli.train().loss(from_cli(image), target)["total"]

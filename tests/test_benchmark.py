@@ -1,5 +1,7 @@
 """Costs and comparison (tools/costs.py): --benchmark's figures, the CPU memory peak, --compile's fallback, and
 --compare-methods' table (tiny CPU runs; speed itself is never asserted, only that it was taken)."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -11,6 +13,9 @@ import torch.nn as nn
 import common
 import train
 from tools import costs, paper_costs
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: one intra-op thread
 
 BENCH = ["--benchmark", "--method", "fcn", "--backbone", "resnet18", "--head-channels", "16", "--batch-size", "1",
          "--benchmark-iters", "1", "--benchmark-warmup", "1", "--device", "cpu"]
@@ -37,9 +42,17 @@ def conv_flops(model, x, training):
     return counts
 
 
-def test_benchmark_fields_counts_and_sane_values(capsys):
-    model, r = train.main(BENCH + ["--crop-size", "48"])
-    printed = capsys.readouterr().out.strip().splitlines()
+@pytest.fixture(scope="module")
+def bench_48():
+    """One --benchmark run at 48 x 48 for the two tests below: (model, its record, what it printed)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        model, r = train.main(BENCH + ["--crop-size", "48"])
+    return model, r, out.getvalue()
+
+
+def test_benchmark_fields_counts_and_sane_values(bench_48):
+    model, r, printed = bench_48
+    printed = printed.strip().splitlines()
     assert json.loads(printed[-1]) == r and any(line.startswith("| parameters") for line in printed)
     assert set(r) == FIELDS and r["input"] == [1, 3, 48, 48] and not r["compiled"]
     head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
@@ -57,10 +70,11 @@ def test_benchmark_fields_counts_and_sane_values(capsys):
     assert weights_mib < r["forward_peak_mib"] < r["train_step_peak_mib"]                   # + activations, grads
 
 
-def test_benchmark_flops_grow_with_the_input_and_follow_the_eval_flags():
-    _, small = train.main(BENCH + ["--crop-size", "48"])
-    _, large = train.main(BENCH + ["--crop-size", "64"])
-    _, flip = train.main(BENCH + ["--crop-size", "48", "--flip"])
+def test_benchmark_flops_grow_with_the_input_and_follow_the_eval_flags(bench_48):
+    _, small, _ = bench_48
+    no_warmup = ["--benchmark-warmup", "0"]                      # FLOPs only: the times are not read here
+    _, large = train.main(BENCH + ["--crop-size", "64"] + no_warmup)
+    _, flip = train.main(BENCH + ["--crop-size", "48", "--flip"] + no_warmup)
     # every feature map of the FCN scales with the pixel count: 64x64 / 48x48 = 1.78x
     assert large["gflops_forward"] / small["gflops_forward"] == pytest.approx((64 / 48) ** 2, rel=0.01)
     assert flip["gflops_forward"] == pytest.approx(2 * small["gflops_forward"])           # two views
@@ -164,7 +178,7 @@ def test_compiled_forward_serves_predict_and_lets_input_errors_through(monkeypat
 
 COMPARE = ["--dataset", "synthetic", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
            "--synthetic-size", "40", "--synthetic-length", "8", "--synthetic-val-length", "2", "--workers", "0",
-           "--device", "cpu", "--iters", "2", "--log-every", "1"]
+           "--device", "cpu", "--iters", "1", "--log-every", "1"]
 
 
 def test_compare_methods_writes_a_well_formed_table(tmp_path):

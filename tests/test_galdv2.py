@@ -12,6 +12,9 @@ import galdv2
 import train
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: one intra-op thread
+
+
 def ldv2_unfold(ld, x_g, x_l):
     """The readable reference of Eqs. (6)-(8): sample the k*k zero-padded neighbours s(n) of every
     position from x with F.unfold (a (B, 2C, k*k, H, W) tensor), apply the 1x1 convs to the samples,
@@ -154,14 +157,15 @@ def test_ld_switch_swaps_only_the_ld_module():
     """ld=v1 / none are GALD v1 with the same GA (galdv1.GALD, ld on / off). ld=v2 with the default
     combine='eq3' adds exactly the LDv2 convs (Table IV's rows differ in the LD module alone);
     'local-first' also widens convb to read concat(X_gald, X_l): 2C -> C instead of C -> C."""
-    none, v1, v2 = (small_model(ld=ld) for ld in ("none", "v1", "v2"))
+    with torch.device("meta"):                                         # counts and widths only
+        none, v1, v2 = (small_model(ld=ld) for ld in ("none", "v1", "v2"))
+        references = {ld: galdv1.GALD(common.ResNet(18, 8), 5, ga="aspp", ld=ld, channels=32) for ld in (False, True)}
+        wide = small_model(combine="local-first")
     for model, ld in ((none, False), (v1, True)):
-        reference = galdv1.GALD(common.ResNet(18, 8), 5, ga="aspp", ld=ld, channels=32)
-        assert n_params(model) == n_params(reference)
+        assert n_params(model) == n_params(references[ld])
     assert v2.combine == "eq3" and v2.decoder.convb[0].in_channels == 32
     assert n_params(v2) - n_params(none) == n_params(v2.ld)
     assert n_params(v1) - n_params(none) == n_params(v1.ld)
-    wide = small_model(combine="local-first")
     assert n_params(wide) - n_params(none) == n_params(wide.ld) + 32 * 32 * 9
 
 
@@ -349,7 +353,8 @@ def test_cli_defaults_are_the_papers_and_build_model():
     parser = argparse.ArgumentParser()
     galdv2.add_args(parser)
     assert all(a.default is not None for a in parser._actions), "a galdv2 flag whose --help says None"
-    model = galdv2.build_model(parse([]))
+    with torch.device("meta"):                                         # what is built, not its values
+        model = galdv2.build_model(parse([]))
     assert isinstance(model.ga, galdv1.ASPP) and [b[0].dilation[0] for b in model.ga.branches[1:]] == [12, 24, 36]
     ld = model.ld
     assert isinstance(ld, galdv2.DynamicLocalDistribution) and model.ohem and model.aux_weight == 0.4
@@ -357,8 +362,10 @@ def test_cli_defaults_are_the_papers_and_build_model():
         ("eq3", 5, 6, "concat", "concat")
     assert ld.query.out_channels == ld.key.out_channels == ld.value.out_channels == 512
     assert model.affinity_pixel == (0.5, 0.5)
-    model = galdv2.build_model(parse(["--ld-combine", "local-first", "--ld-kernel", "3", "--ld-dilation", "3",
-                                      "--ld-key-channels", "16", "--key-input", "global", "--affinity-pixel", "0", "1"]))
+    with torch.device("meta"):
+        model = galdv2.build_model(parse(["--ld-combine", "local-first", "--ld-kernel", "3", "--ld-dilation", "3",
+                                          "--ld-key-channels", "16", "--key-input", "global", "--affinity-pixel",
+                                          "0", "1"]))
     ld = model.ld
     assert (model.combine, ld.kernel_size, ld.dilation, ld.key_input, ld.key.out_channels, model.affinity_pixel) == \
         ("local-first", 3, 3, "global", 16, (0.0, 1.0))
@@ -383,5 +390,6 @@ def test_no_ga_and_no_ld_is_refused():
     """--ga none --ld none is a model that no table has: one line naming both flags."""
     with pytest.raises(common.InputError, match="^--ga none --ld none: neither GA nor LD, a model that no table"):
         galdv2.build_model(parse(["--ga", "none", "--ld", "none"]))
-    assert isinstance(galdv2.build_model(parse(["--ga", "none"])).ld, galdv2.DynamicLocalDistribution)
-    assert isinstance(galdv2.build_model(parse(["--ld", "none"])).ga, galdv1.ASPP)
+    with torch.device("meta"):                                         # what is built, not its values
+        assert isinstance(galdv2.build_model(parse(["--ga", "none"])).ld, galdv2.DynamicLocalDistribution)
+        assert isinstance(galdv2.build_model(parse(["--ld", "none"])).ga, galdv1.ASPP)

@@ -3,6 +3,7 @@ defaults, --help, refusals), the decoders (DeepLab V3+, HRNet-OCR: OCR Eqs. 1-3,
 and loss), NVIDIA's parameter counts and key names, where a strided logit lands, RMI, the per-scale loss
 and what evaluation builds."""
 import argparse
+import functools
 import math
 import os
 import sys
@@ -30,12 +31,30 @@ def small_trunk(decoder):
     return common.HRNet(**common.HRNET_LAYOUTS["hrnet18-small"]) if decoder == "ocr" else common.ResNet(18, 8)
 
 
+@functools.lru_cache(maxsize=None)
+def first_seeded_trunk(ocr):
+    """The trunk built right after torch.manual_seed(0): its state and the RNG state it leaves."""
+    torch.manual_seed(0)
+    return small_trunk("ocr" if ocr else "none").state_dict(), torch.get_rng_state()
+
+
+def seeded_trunk(decoder):
+    """What `torch.manual_seed(0); small_trunk(decoder)` gives, weights and RNG state alike, without
+    drawing the trunk's random init again (a quarter of this file's time): built on the meta device,
+    the first build's tensors copied in."""
+    state, rng = first_seeded_trunk(decoder == "ocr")
+    with torch.device("meta"):
+        trunk = small_trunk(decoder)
+    trunk.to_empty(device="cpu").load_state_dict(state)
+    torch.set_rng_state(rng)
+    return trunk
+
+
 def make_model(ms_mode="hierarchical", decoder="none", **kw):
     """Small widths: heads 16, ASPP 16, OCR 32 / 16. The chain and baseline tests use the plain
     Sec. 3.1 heads ('none'); the decoders have their own tests below."""
-    torch.manual_seed(0)
     widths = {"deeplab": dict(aspp_channels=16), "ocr": dict(ocr_channels=(32, 16)), "none": {}}[decoder]
-    return hma.HierarchicalMultiScaleAttention(small_trunk(decoder), K, ms_mode=ms_mode, decoder=decoder,
+    return hma.HierarchicalMultiScaleAttention(seeded_trunk(decoder), K, ms_mode=ms_mode, decoder=decoder,
                                                head_channels=16, **widths, **kw)
 
 
@@ -274,12 +293,12 @@ def cli_model(*flags, backbone="resnet18", device="cpu", classes=K):
 
 
 def test_add_args_defaults_build_the_paper_model():
-    model = cli_model()
+    model = cli_model(device="meta")                                    # what was built, not its values
     assert (model.ms_mode, model.train_scales, model.loss_type, model.scale_loss_weight) == \
         ("hierarchical", (0.5, 1.0), "rmi", 0.05)                      # Cityscapes recipe weight
-    assert cli_model("--ms-mode", "explicit").train_scales == (0.5, 1.0, 2.0)
-    assert cli_model("--scale-loss-weight", "0").scale_loss_weight == 0      # Mapillary recipe
-    assert cli_model("--ms-mode", "average").train_scales == (1.0,)
+    assert cli_model("--ms-mode", "explicit", device="meta").train_scales == (0.5, 1.0, 2.0)
+    assert cli_model("--scale-loss-weight", "0", device="meta").scale_loss_weight == 0      # Mapillary recipe
+    assert cli_model("--ms-mode", "average", device="meta").train_scales == (1.0,)
 
 
 def test_help_shows_the_default_every_flag_takes():
@@ -346,10 +365,17 @@ def parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=None)
+def nvidia_mscale_ocr_w48():
+    """MscaleOCR as NVIDIA releases it (HRNet-W48, 19 classes, its 1x1 cls_head), on the meta device:
+    built once for the two tests below, which only read its structure."""
+    return cli_model("--cls-head", "code", backbone="hrnet48", device="meta", classes=19)
+
+
 def test_parameter_counts_equal_the_authors_models():
     """NVIDIA/semantic-segmentation network/ocrnet.py MscaleOCR and OCRNet (HRNet-W48, 19 classes, its
     1x1 cls_head) and network/mscale.py MscaleV3Plus (ResNet-50, 19 classes), counted on their classes."""
-    ocr = cli_model("--cls-head", "code", backbone="hrnet48", device="meta", classes=19)
+    ocr = nvidia_mscale_ocr_w48()
     assert parameters(ocr) == 72_143_430
     ocrnet = cli_model("--cls-head", "code", "--ms-mode", "average", backbone="hrnet48", device="meta", classes=19)
     assert parameters(ocrnet) == 70_372_678
@@ -360,7 +386,7 @@ def test_parameter_counts_equal_the_authors_models():
 def test_module_names_are_nvidias_state_dict_keys():
     """A released file loads after dropping 'module.': NVIDIA's MscaleOCR W48 holds 1,830 backbone,
     60 ocr and 13 scale_attn entries; a few of them with their shapes."""
-    state = cli_model("--cls-head", "code", backbone="hrnet48", device="meta", classes=19).state_dict()
+    state = nvidia_mscale_ocr_w48().state_dict()
     heads = [k.split(".")[0] for k in state]
     assert (len(state), heads.count("backbone"), heads.count("ocr"), heads.count("scale_attn")) == (1903, 1830, 60, 13)
     expected = {"ocr.conv3x3_ocr.0.bias": (512,), "ocr.conv3x3_ocr.1.0.running_var": (512,),

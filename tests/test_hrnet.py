@@ -12,6 +12,9 @@ import torch.nn.functional as F
 import common
 import train
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: one intra-op thread
+
 SMALL = common.HRNET_LAYOUTS["hrnet18-small"]
 
 

@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_specialize_fuse.py
 import argparse
 import ast
 import copy
+import functools
 import os
 import sys
 
@@ -288,9 +289,26 @@ def test_context_aggregation_matches_position_loop():
     assert torch.allclose(out, ca.aggregate(torch.cat([att, x], 1)), atol=1e-5)
 
 
-def tiny_model(**kw):
+@functools.lru_cache(maxsize=None)
+def first_seeded_resnet18():
+    """ResNet(18, 32) built right after torch.manual_seed(0): its state and the RNG state it leaves."""
     torch.manual_seed(0)
-    return sf.SpecializeFuse(common.ResNet(18, 32), 4, semantic_channels=16, unity_channels=8, **kw)
+    return common.ResNet(18, 32).state_dict(), torch.get_rng_state()
+
+
+def seeded_resnet18():
+    """What `torch.manual_seed(0); common.ResNet(18, 32)` gives, weights and RNG state alike, without
+    drawing its 11M random weights again: built on the meta device, the first build's tensors copied in."""
+    state, rng = first_seeded_resnet18()
+    with torch.device("meta"):
+        trunk = common.ResNet(18, 32)
+    trunk.to_empty(device="cpu").load_state_dict(state)
+    torch.set_rng_state(rng)
+    return trunk
+
+
+def tiny_model(**kw):
+    return sf.SpecializeFuse(seeded_resnet18(), 4, semantic_channels=16, unity_channels=8, **kw)
 
 
 def aligned_up(x, stride):
@@ -473,8 +491,7 @@ def sampler_model(**kw):
     its centre tap only, so a change at an input pixel of the stride-32 grid reaches each stride-s stage
     at the one sample j with s * j on that pixel. Every weight is non-negative and every bias zero, so a
     zero image gives zero logits and a positive impulse passes every ReLU: the model is linear in it."""
-    torch.manual_seed(0)
-    model = sf.SpecializeFuse(common.ResNet(18, 32), 3, context="none", semantic_channels=8, unity_channels=4,
+    model = sf.SpecializeFuse(seeded_resnet18(), 3, context="none", semantic_channels=8, unity_channels=4,
                               **kw).double().eval()
     with torch.no_grad():
         for m in model.modules():
@@ -644,7 +661,8 @@ def test_a_unity_flag_given_at_its_default_passes_with_the_single_output():
                              "--context", "none", "--tau", "0.9", "--relabel", "true-positive", "--pyramid-levels",
                              "4", "--unity-channels", "64", "--semantic-channels", "16"])
     args.num_classes = 4
-    model = sf.build_model(args)
+    with torch.device("meta"):                             # what is built, not its values
+        model = sf.build_model(args)
     assert model.unity_head is None and model.strides == sf.STRIDES[4]
 
 
@@ -655,7 +673,8 @@ def test_single_output_with_anl_multi_is_refused():
              "--context", "anl-multi"]
     args = train.parse_args(flags)
     args.num_classes = 4
-    assert isinstance(sf.build_model(args), sf.SpecializeFuse)
+    with torch.device("meta"):                             # what is built, not its values
+        assert isinstance(sf.build_model(args), sf.SpecializeFuse)
     args = train.parse_args(flags + ["--output-format", "single"])
     args.num_classes = 4
     with pytest.raises(common.InputError, match="no paper row"):
@@ -667,7 +686,8 @@ def test_hrnet_heads_read_its_stride_4_concat():
     720 for W48, 480 for W32, 240 for W18-small), with no light decoder; on a ResNet, D = 720 from it."""
     import train
     base = ["--method", "specialize_fuse", "--dataset", "synthetic", "--num-classes", "4"]
-    model = sf.build_model(train.parse_args(base + ["--backbone", "hrnet18-small"]))
+    narrow = ["--semantic-channels", "16", "--unity-channels", "8"]         # D is what is read here
+    model = sf.build_model(train.parse_args(base + ["--backbone", "hrnet18-small"] + narrow))
     assert model.decoder is None and model.semantic_head.project.in_channels == 240
     assert model.unity_head.reduce.in_channels == 240
     model.train()
