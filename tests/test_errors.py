@@ -274,7 +274,7 @@ def test_a_killed_run_leaves_no_process_and_resumes_from_an_intact_last_pt(tmp_p
         deadline = time.time() + 120
         while not (out / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(0.5 + np.random.default_rng(kill).uniform(0, 1.5))   # mid-iteration or mid-save
+        time.sleep(0.2 + np.random.default_rng(kill).uniform(0, 0.6))   # mid-iteration or mid-save (one of each ~0.1 s)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         for _ in range(50):                                        # workers die with their parent
