@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+from PIL import Image
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
@@ -71,3 +73,14 @@ def test_benchmark_names_each_phase_and_counts_every_call(capsys):
     # two phases (forward, training step), each: FLOPs, peak memory, 1 warm-up + 2 timed calls
     assert lines[0].startswith("benchmark fcn: forward FLOPs 1/10 |")
     assert lines[-1].startswith("benchmark fcn: train step time 10/10 |")
+
+
+def test_predict_counts_the_images_it_labels(tmp_path, capsys):
+    train.main(TINY + ["--iters", "1", "--out", str(tmp_path / "run")])
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (20, 16), (90, 120, 30)).save(tmp_path / name)
+    capsys.readouterr()
+    train.main(["--predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--checkpoint",
+                str(tmp_path / "run" / "best.pt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("labelling 1/2 |") and any(line.startswith("labelling 2/2 |") for line in lines)

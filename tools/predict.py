@@ -20,6 +20,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import common
+from tools import progress
 from tools.crash_safety import replacing, write_failed
 
 
@@ -281,6 +282,7 @@ def predict(model, args, rank, world, device):
         for folder in {os.path.dirname(os.path.join(args.out, kind, n)) for _, n in files}:
             os.makedirs(folder, exist_ok=True)
     unsure, mine = 0, files[rank::world]
+    bar = progress.Progress(f"labelling{' (rank 0)' * (world > 1)}", len(mine), rank == 0)
     for done, (path, name) in enumerate(mine):
         image, label, below = label_one(model, path, args, device)
         unsure += below
@@ -290,6 +292,7 @@ def predict(model, args, rank, world, device):
             outputs["labelIds"] = Image.fromarray(common.CITYSCAPES_TRAIN_ID_TO_ID[label])
         for kind, output in outputs.items():
             save_png(output, os.path.join(args.out, kind, name), done, len(mine))
+        bar.update()
     note = unsure_note(args, unsure, world, device)
     if rank == 0:
         write_pairs(os.path.join(args.out, "pairs.txt"), [(os.path.abspath(p), f"labels/{n}") for p, n in files])
